@@ -1,0 +1,42 @@
+# cnnstudy: `make demo` and `make test` set everything up on a fresh clone, offline.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup demo test test-fast ui bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch and torchvision first, pinned: pip takes them from this machine's disk.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/cnnstudy-describe
+	$(BIN)/cnnstudy-train trainer.max_epochs=10
+	$(BIN)/cnnstudy-ui --print-only
+	@echo "Start the dashboard with: make ui"
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+ui: setup
+	$(BIN)/cnnstudy-ui
+
+bench: setup
+	$(BIN)/python benchmarks/throughput.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,36 @@
+"""The network: torch modules built from the architecture plan, layer for layer."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from cnnstudy.architecture import Layer
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def build_network(layers: list[Layer]) -> nn.Sequential:
+    """An nn.Sequential whose modules carry the plan's layer names (conv1, pool1, fc1, output).
+
+    The output layer yields logits; the softmax is part of the loss (cross-entropy).
+    """
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    for layer in layers:
+        if layer.kind == "conv":
+            out_c, in_c, f, _ = layer.weight_shape
+            modules[layer.name] = nn.Conv2d(in_c, out_c, f, layer.stride, layer.padding)
+        elif layer.kind == "pool":
+            pool = nn.MaxPool2d if layer.activation == "max" else nn.AvgPool2d
+            modules[layer.name] = pool(layer.receptive_field, layer.stride)
+        elif layer.kind == "dropout":
+            modules[layer.name] = nn.Dropout(layer.dropout)
+        elif layer.kind == "flatten":
+            modules[layer.name] = nn.Flatten()
+        elif layer.kind in ("fc", "output"):
+            out_f, in_f = layer.weight_shape
+            modules[layer.name] = nn.Linear(in_f, out_f)
+        if layer.kind in ("conv", "fc") and layer.activation in _ACTIVATIONS:
+            modules[f"{layer.name}_{layer.activation}"] = _ACTIVATIONS[layer.activation]()
+    return nn.Sequential(modules)

@@ -1,0 +1,127 @@
+"""What a run records in MLflow, and how: tracking URI, redaction, params, tags, run names.
+
+Everything here is plain Python except `start_run`; mlflow is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REDACTED = "***"
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(?P<pw>[^@\s/]+)(?=@)")
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&][^=&\s]*(?:password|passwd|secret|token|api[_-]?key)[^=&\s]*=)(?P<pw>[^&\s]+)",
+    re.IGNORECASE,
+)
+
+
+def redact_text(text: str) -> str:
+    """A URL's password (scheme://user:PASSWORD@host) and secret query values become ***."""
+    text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
+    return _QUERY_SECRET.sub(lambda m: m["head"] + REDACTED, text)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of plain data (dicts, lists, scalars) with secrets replaced by ***."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    if _SECRET_KEY.search(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def override_secret(override: str) -> str:
+    """An override `a.b.token=x` with the value redacted by key and by URL."""
+    key, sep, value = override.partition("=")
+    if sep and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+        return f"{key}={REDACTED}"
+    return redact_text(override)
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, secrets redacted: what MLflow sees."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """MLflow's convention: MLFLOW_TRACKING_URI wins over the config's logger.tracking_uri."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
+
+
+def run_name(cfg: DictConfig, overrides: list[str]) -> str:
+    """Name a run after what was varied: the model, then the overrides that are not plumbing."""
+    if cfg.logger.run_name:
+        return cfg.logger.run_name
+    plumbing = ("logger.", "trainer.progress_bar", "hydra.", "+logger.")
+    varied = [override_secret(o) for o in overrides if not o.lstrip("~+").startswith(plumbing)]
+    varied = [o for o in varied if not o.startswith("model=")]
+    return " ".join([cfg.model.name, *varied])[:250]
+
+
+def git_state(path: Path) -> tuple[str, str]:
+    """(commit, dirty) of the repository holding `path`; ("unknown", "unknown") outside one."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        return commit, str(bool(status.strip())).lower()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", "unknown"
+
+
+PACKAGES = ("cnnstudy", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "mlflow",
+            "optuna", "torchmetrics")
+
+
+def run_tags(cfg: DictConfig, overrides: list[str], entry_point: str) -> dict[str, str]:
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    tags = {
+        "mlflow.source.name": entry_point,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        "cnnstudy.git_dirty": dirty,
+        "cnnstudy.seed": str(cfg.seed),
+        "cnnstudy.model": cfg.model.name,
+        "cnnstudy.data": cfg.data.name,
+        "cnnstudy.overrides": " ".join(override_secret(o) for o in overrides),
+    }
+    for package in PACKAGES:
+        try:
+            tags[f"cnnstudy.version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    tags.update({k: str(v) for k, v in redact(OmegaConf.to_container(cfg.logger.tags)).items()})
+    return tags
+
+
+def resolve_artifact_location(location: str) -> str:
+    if "://" in location:
+        return location
+    return Path(location).resolve().as_uri()

@@ -1,0 +1,302 @@
+"""cnnstudy-train: one training run, from a composed config to metrics in MLflow.
+
+    cnnstudy-train                                   # seed_example on the bundled digits
+    cnnstudy-train model=lenet5 trainer.max_epochs=5
+    cnnstudy-train -m model.receptive_field=3,5,7    # Hydra multirun: one MLflow run each
+
+`train(cfg)` is the whole run as one function call: check the config, load the
+data (once per process), build the network from the shape plan, fit and test
+with Lightning, record everything in one MLflow run, and return the metrics.
+It leaves no global state behind (seeds, RNG state, thread count, determinism
+flags are restored), so a sweep can call it hundreds of times in one process.
+Heavy imports (torch, Lightning, MLflow) happen only after the config is checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cnnstudy.architecture import plan, totals
+from cnnstudy.cli import EXIT_USER_ERROR, report
+from cnnstudy.config import CONFIG_DIR, ConfigError, check
+from cnnstudy.tracking import flatten, plain_config, run_name, run_tags, tracking_uri
+
+_EXPECTED_WARNINGS = (
+    r".*is smaller than the logging interval",  # metrics are logged per epoch, not per step
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.14, harmless
+)
+
+# Metrics that depend on the machine's speed, not on the computation: never compared.
+TIMING_METRICS = ("train/images_per_s", "time/fit_s")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _isolated_globals(num_threads: int) -> Iterator[None]:
+    """Restore what seeding and deterministic training change process-wide."""
+    import numpy as np
+    import torch
+
+    saved_env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS",
+                                                 "CUBLAS_WORKSPACE_CONFIG")}
+    saved_threads = torch.get_num_threads()
+    saved_deterministic = torch.are_deterministic_algorithms_enabled()
+    saved_py, saved_np = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if num_threads:
+                torch.set_num_threads(num_threads)
+            yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_deterministic)
+        random.setstate(saved_py)
+        np.random.set_state(saved_np)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _quiet_lightning() -> None:
+    """One console line per Lightning message, and none advertising its cloud logger."""
+    import logging
+
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().hasHandlers():  # Hydra configured logging: let the root print it
+        for handler in list(lightning_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_logger.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdverts())
+
+
+class _NoAdverts:
+    def filter(self, record: Any) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def _optimizer_factory(cfg: DictConfig):
+    """The optimizer as a factory of parameters; tried once on a dummy parameter so that a
+    bad key or value is a config error now, not a crash mid-fit."""
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        factory = instantiate(cfg.optimizer, _partial_=True)
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (InstantiationException, TypeError, ValueError) as err:
+        message = str(err).strip().splitlines()[-1]
+        raise ConfigError(f"optimizer ({cfg.optimizer._target_}): {message}") from None
+    return factory
+
+
+def _experiment_id(cfg: DictConfig) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cnnstudy.tracking import resolve_artifact_location
+
+    name = cfg.logger.experiment_name
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        location = resolve_artifact_location(cfg.logger.artifact_location)
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:  # a parallel worker created it first
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _trainer(cfg: DictConfig, logger: Any, callbacks: list[Any], root_dir: str):
+    import lightning as L
+
+    t = cfg.trainer
+    if t.progress_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks = [*callbacks, RichProgressBar(leave=True)]
+    return L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,  # cnnstudy's describe table is logged instead
+        enable_checkpointing=False,  # the trained network is logged to MLflow
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=root_dir,
+    )
+
+
+def train(
+    cfg: DictConfig,
+    overrides: Sequence[str] = (),
+    *,
+    entry_point: str = "cnnstudy-train",
+    extra_tags: dict[str, str] | None = None,
+    root_dir: str | None = None,
+) -> RunResult:
+    """Train the network `cfg` describes, log one MLflow run, return its metrics."""
+    check(cfg)
+    layers = plan(cfg.model, cfg.data)
+    started = time.perf_counter()
+
+    import lightning as L
+    import mlflow
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from cnnstudy.data import ImageDataModule
+    from cnnstudy.describe import describe, render
+    from cnnstudy.model import build_network
+    from cnnstudy.system import Classifier, Throughput
+
+    _quiet_lightning()
+    with _isolated_globals(cfg.trainer.num_threads), warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        datamodule = ImageDataModule(cfg.data, seed=cfg.seed, channels_last=cfg.trainer.channels_last)
+        splits = datamodule.prepare()
+        optimizer = _optimizer_factory(cfg)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        network = build_network(layers)
+        if cfg.trainer.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        system = Classifier(network, cfg.data.num_classes, optimizer)
+
+        uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(uri)
+        experiment_id = _experiment_id(cfg)
+        tags = run_tags(cfg, list(overrides), entry_point)
+        tags.update(extra_tags or {})
+        tags["cnnstudy.torch_threads"] = str(torch.get_num_threads())
+        tags["cnnstudy.data_fingerprint"] = splits.fingerprint()
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name(cfg, list(overrides)), tags=tags
+        ) as run:
+            run_id = run.info.run_id
+            config = plain_config(cfg)
+            params = flatten(config)
+            for name, split in splits.items():
+                params[f"data.{name}_size"] = str(len(split))
+            params["data.train_mean"] = json.dumps([round(v, 4) for v in datamodule.mean])
+            params["data.train_std"] = json.dumps([round(v, 4) for v in datamodule.std])
+            mlflow.log_params(params)
+            table = describe(cfg)
+            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(config)), "config.yaml")
+            mlflow.log_text(render(table, layers), "describe.txt")
+            mlflow.log_dict(table, "describe.json")
+            counts = totals(layers)
+            mlflow.log_metrics(
+                {"model/params": counts["params"], "model/connections": counts["connections"]}
+            )
+
+            logger = MLFlowLogger(
+                experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
+            )
+            throughput = Throughput()
+            trainer = _trainer(cfg, logger, [throughput], root_dir or os.getcwd())
+            fit_started = time.perf_counter()
+            trainer.fit(system, datamodule=datamodule)
+            fit_seconds = time.perf_counter() - fit_started
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            for result in trainer.test(system, datamodule=datamodule, verbose=False):
+                metrics.update({k: float(v) for k, v in result.items()})
+            metrics["time/fit_s"] = fit_seconds
+            mlflow.log_metric("time/fit_s", fit_seconds)
+            metrics.update({"model/params": counts["params"], "model/connections": counts["connections"]})
+            if cfg.logger.log_model:
+                _log_network(network, cfg)
+    return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
+
+
+def _log_network(network: Any, cfg: DictConfig) -> None:
+    """The trained network as a torch.export archive (no pickled code) plus its state dict."""
+    from importlib import metadata
+
+    import mlflow
+    import torch
+
+    network = network.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(2, cfg.data.channels, cfg.data.height, cfg.data.width)
+    mlflow.pytorch.log_model(
+        network,
+        name="model",
+        input_example=example.numpy(),
+        pip_requirements=[f"torch=={metadata.version('torch')}"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state_dict.pt"
+        torch.save(network.state_dict(), path)
+        mlflow.log_artifact(str(path), "weights")
+
+
+def summary(result: RunResult) -> str:
+    m = result.metrics
+    return (
+        f"test/acc {m.get('test/acc', float('nan')):.4f}  test/loss {m.get('test/loss', float('nan')):.4f}"
+        f"  params {int(m.get('model/params', 0)):,}  {m.get('train/images_per_s', 0):,.0f} images/s"
+        f"  time {result.seconds:.1f} s\n"
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}\n"
+        f"See it: make ui  (or cnnstudy-ui)"
+    )
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> dict[str, float]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        result = train(
+            cfg, list(hydra_cfg.overrides.task), root_dir=hydra_cfg.runtime.output_dir
+        )
+    except ConfigError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        report(err)
+        sys.exit(EXIT_USER_ERROR)
+    print(summary(result))
+    return result.metrics
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
