@@ -69,7 +69,13 @@ def _side(size: int, field: int, pad: int, stride: int) -> tuple[int, str]:
 
 
 def _sliding(
-    name: str, where: str, shape: tuple[int, int, int], field: int, pad: int, stride: int, key: str,
+    name: str,
+    where: str,
+    shape: tuple[int, int, int],
+    field: int,
+    pad: int,
+    stride: int,
+    key: str,
     value: Any,
 ) -> tuple[int, int, str]:
     """Output height and width of a sliding window; a ConfigError when either is below 1."""
@@ -80,9 +86,9 @@ def _sliding(
     if out_h < 1 or out_w < 1:
         c = shape[0]
         raise ConfigError(
-            f"{key}={value}: {name} ({where}) gets a {h}x{w}x{c} input and its output size would be "
-            f"{formula}, below 1. Valid: a window of at most {min(h, w) + 2 * pad} here, more padding "
-            f"(model.padding), a smaller stride, or fewer stages (model.stages)."
+            f"{key}={value}: {name} ({where}) gets a {h}x{w}x{c} input and its output size "
+            f"would be {formula}, below 1. Valid: a window of at most {min(h, w) + 2 * pad} "
+            "here, more padding (model.padding), a smaller stride, or fewer stages (model.stages)."
         )
     return out_h, out_w, formula
 
@@ -114,8 +120,20 @@ def plan(model: Any, data: Any) -> list[Layer]:
             field, jump = field + (f - 1) * jump, jump * stride
             layers.append(
                 Layer(
-                    name, "conv", shape, out, f, stride, pad, formula, (filters, c, f, f), per,
-                    per * filters, per * filters * out_h * out_w, field, act,
+                    name,
+                    "conv",
+                    shape,
+                    out,
+                    f,
+                    stride,
+                    pad,
+                    formula,
+                    (filters, c, f, f),
+                    per,
+                    per * filters,
+                    per * filters * out_h * out_w,
+                    field,
+                    act,
                 )
             )
             shape = out
@@ -123,15 +141,30 @@ def plan(model: Any, data: Any) -> list[Layer]:
             c, h, w = shape
             p, ps = model.pool_size, model.pool_stride
             out_h, out_w, formula = _sliding(
-                f"pool{s}", f"{model.pool} pool after stage {s}", shape, p, 0, ps,
-                "model.pool_size", p,
+                f"pool{s}",
+                f"{model.pool} pool after stage {s}",
+                shape,
+                p,
+                0,
+                ps,
+                "model.pool_size",
+                p,
             )
             out = (c, out_h, out_w)
             field, jump = field + (p - 1) * jump, jump * ps
             layers.append(
                 Layer(
-                    f"pool{s}", "pool", shape, out, p, ps, 0, formula,
-                    connections=p * p * c * out_h * out_w, input_field=field, activation=model.pool,
+                    f"pool{s}",
+                    "pool",
+                    shape,
+                    out,
+                    p,
+                    ps,
+                    0,
+                    formula,
+                    connections=p * p * c * out_h * out_w,
+                    input_field=field,
+                    activation=model.pool,
                 )
             )
             shape = out
@@ -150,14 +183,22 @@ def plan(model: Any, data: Any) -> list[Layer]:
         per = n_in + 1
         layers.append(
             Layer(
-                "output" if last else f"fc{i}", "output" if last else "fc", shape, (units,),
-                weight_shape=(units, n_in), weights_per_neuron=per, params=per * units,
-                connections=per * units, activation="softmax" if last else act,
+                "output" if last else f"fc{i}",
+                "output" if last else "fc",
+                shape,
+                (units,),
+                weight_shape=(units, n_in),
+                weights_per_neuron=per,
+                params=per * units,
+                connections=per * units,
+                activation="softmax" if last else act,
             )
         )
         shape = (units,)
         if not last and model.hidden_dropout > 0:
-            layers.append(Layer(f"dropout_fc{i}", "dropout", shape, shape, dropout=model.hidden_dropout))
+            layers.append(
+                Layer(f"dropout_fc{i}", "dropout", shape, shape, dropout=model.hidden_dropout)
+            )
     return layers
 
 

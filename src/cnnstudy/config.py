@@ -32,8 +32,12 @@ class ModelConfig:
     stages: int = 1  # conv/pool stages; 0 makes a plain multilayer perceptron
     convs_per_stage: int = 1  # conv layers before each pool
     filters: int = 10  # filters in the first stage
-    filter_growth: float = 1.0  # filters multiply by this per stage: 2 ascending, 1 constant, 0.5 descending
-    filters_per_stage: list[int] = field(default_factory=list)  # explicit counts; overrides the two above
+    filter_growth: float = (
+        1.0  # filters multiply by this per stage: 2 ascending, 1 constant, 0.5 descending
+    )
+    filters_per_stage: list[int] = field(
+        default_factory=list
+    )  # explicit counts; overrides the two above
     receptive_field: int = 5  # F: side of each conv filter
     stride: int = 1  # S: conv stride
     padding: Any = 0  # P: zero padding on each side, or "same" (output size = input size, stride 1)
@@ -44,7 +48,9 @@ class ModelConfig:
     pool_dropout: float = 0.0  # dropout after each pool
     hidden_layers: int = 1  # fully connected layers before the output layer
     hidden_units: int = 200  # units in each hidden layer
-    hidden_units_per_layer: list[int] = field(default_factory=list)  # explicit; overrides hidden_units
+    hidden_units_per_layer: list[int] = field(
+        default_factory=list
+    )  # explicit; overrides hidden_units
     hidden_dropout: float = 0.0  # dropout after each hidden layer
 
 
@@ -59,8 +65,12 @@ class DataConfig:
     val_fraction: float = 0.1  # of the training pool, held out for validation
     test_fraction: float = 0.2  # for datasets without a test split of their own
     split_seed: int = 0  # the split depends on this seed only, not on the run's seed
-    mean: list[float] = field(default_factory=list)  # per-channel pixel mean (0-255); empty: from train split
-    std: list[float] = field(default_factory=list)  # per-channel pixel std (0-255); empty: from train split
+    mean: list[float] = field(
+        default_factory=list
+    )  # per-channel pixel mean (0-255); empty: from train split
+    std: list[float] = field(
+        default_factory=list
+    )  # per-channel pixel std (0-255); empty: from train split
 
 
 @dataclass
@@ -136,10 +146,10 @@ def _limit(cfg: DictConfig, key: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(f"trainer.{key}", value, "must be a number of batches (int), a share (float) or null")
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
-        _fail(f"trainer.{key}", value, "a share of batches must be in (0, 1]")
-    if isinstance(value, int) and value < 1:
-        _fail(f"trainer.{key}", value, "a number of batches must be at least 1")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        _fail(f"trainer.{key}", value, "a share of batches must be in [0, 1] (0 skips the stage)")
+    if isinstance(value, int) and value < 0:
+        _fail(f"trainer.{key}", value, "a number of batches must be at least 0 (0 skips the stage)")
 
 
 def _unknown_keys(cfg: DictConfig) -> None:
@@ -147,8 +157,13 @@ def _unknown_keys(cfg: DictConfig) -> None:
     import difflib
     from dataclasses import fields
 
-    sections = {"": TrainConfig, "model.": ModelConfig, "data.": DataConfig,
-                "trainer.": TrainerConfig, "logger.": LoggerConfig}
+    sections = {
+        "": TrainConfig,
+        "model.": ModelConfig,
+        "data.": DataConfig,
+        "trainer.": TrainerConfig,
+        "logger.": LoggerConfig,
+    }
     for prefix, schema in sections.items():
         node = OmegaConf.select(cfg, prefix[:-1]) if prefix else cfg
         valid = [f.name for f in fields(schema)]
@@ -166,7 +181,9 @@ def check(cfg: DictConfig) -> None:
     _unknown_keys(cfg)
     m = cfg.model
     if m.activation not in ACTIVATIONS:
-        _fail("model.activation", m.activation, f"unknown activation; valid: {', '.join(ACTIVATIONS)}")
+        _fail(
+            "model.activation", m.activation, f"unknown activation; valid: {', '.join(ACTIVATIONS)}"
+        )
     if m.pool not in POOLS:
         _fail("model.pool", m.pool, f"unknown pooling kind; valid: {', '.join(POOLS)}")
     for key in ("stages", "hidden_layers"):
@@ -176,7 +193,11 @@ def check(cfg: DictConfig) -> None:
     for key in ("pool_size", "pool_stride"):
         _at_least(cfg, "model", key, 1)
     if not m.filter_growth > 0:
-        _fail("model.filter_growth", m.filter_growth, "must be positive (2 doubles per stage, 1 keeps)")
+        _fail(
+            "model.filter_growth",
+            m.filter_growth,
+            "must be positive (2 doubles per stage, 1 keeps)",
+        )
     for key in ("pool_dropout", "hidden_dropout"):
         _share(cfg, "model", key)
     padding = m.padding
@@ -185,9 +206,15 @@ def check(cfg: DictConfig) -> None:
     ):
         _fail("model.padding", padding, "must be a whole number >= 0 or 'same'")
     if padding == "same" and m.stride != 1:
-        _fail("model.padding", padding, f"'same' needs model.stride=1 (got {m.stride}); give a number")
+        _fail(
+            "model.padding", padding, f"'same' needs model.stride=1 (got {m.stride}); give a number"
+        )
     if m.filters_per_stage and len(m.filters_per_stage) != m.stages:
-        _fail("model.filters_per_stage", m.filters_per_stage, f"needs one count per stage ({m.stages})")
+        _fail(
+            "model.filters_per_stage",
+            m.filters_per_stage,
+            f"needs one count per stage ({m.stages})",
+        )
     if any(n < 1 for n in m.filters_per_stage):
         _fail("model.filters_per_stage", m.filters_per_stage, "every count must be at least 1")
     if m.hidden_units_per_layer and len(m.hidden_units_per_layer) != m.hidden_layers:

@@ -44,7 +44,9 @@ class Splits:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256("".join(s.fingerprint() for _, s in self.items()).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            "".join(s.fingerprint() for _, s in self.items()).encode()
+        ).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- sources
@@ -95,11 +97,20 @@ _cache: dict[tuple, Splits] = {}
 
 def load_splits(data: Any) -> Splits:
     """Train/val/test splits for the data config, loaded once per process and settings."""
-    key = (data.name, data.channels, data.height, data.width, data.val_fraction,
-           data.test_fraction, data.split_seed)
+    key = (
+        data.name,
+        data.channels,
+        data.height,
+        data.width,
+        data.val_fraction,
+        data.test_fraction,
+        data.split_seed,
+    )
     if key not in _cache:
         if data.name not in SOURCES:
-            raise ConfigError(f"data.name={data.name}: unknown dataset; valid: {', '.join(SOURCES)}")
+            raise ConfigError(
+                f"data.name={data.name}: unknown dataset; valid: {', '.join(SOURCES)}"
+            )
         images, labels = SOURCES[data.name](data)
         pool, test = _seeded_split(images, labels, data.test_fraction, data.split_seed)
         train, val = _seeded_split(pool.images, pool.labels, data.val_fraction, data.split_seed + 1)
@@ -190,8 +201,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def _batches(self, name: str, shuffle: bool = False) -> TensorBatches:
         return TensorBatches(
-            self.on_device[name], self.cfg.batch_size, self.mean_t, self.std_t,
-            shuffle=shuffle, seed=self.seed, channels_last=self.channels_last,
+            self.on_device[name],
+            self.cfg.batch_size,
+            self.mean_t,
+            self.std_t,
+            shuffle=shuffle,
+            seed=self.seed,
+            channels_last=self.channels_last,
         )
 
     def train_dataloader(self) -> TensorBatches:

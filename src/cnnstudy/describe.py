@@ -31,7 +31,11 @@ def describe(cfg: Any) -> dict[str, Any]:
     layers = plan(cfg.model, cfg.data)
     return {
         "model": cfg.model.name,
-        "input": {"channels": cfg.data.channels, "height": cfg.data.height, "width": cfg.data.width},
+        "input": {
+            "channels": cfg.data.channels,
+            "height": cfg.data.height,
+            "width": cfg.data.width,
+        },
         "layers": [layer.to_dict() for layer in layers],
         **totals(layers),
     }
@@ -50,8 +54,18 @@ def render(table: dict[str, Any], layers: list[Layer]) -> str:
 
     t = Table(title=f"{table['model']}: shape arithmetic", show_lines=False)
     for col in (
-        "layer", "input", "output", "F", "S", "P", "output size", "weights", "per neuron",
-        "params", "connections", "sees",
+        "layer",
+        "input",
+        "output",
+        "F",
+        "S",
+        "P",
+        "output size",
+        "weights",
+        "per neuron",
+        "params",
+        "connections",
+        "sees",
     ):
         t.add_column(col, justify="right" if col in ("params", "connections") else "left")
     for layer in layers:
@@ -75,7 +89,9 @@ def render(table: dict[str, Any], layers: list[Layer]) -> str:
             "" if layer.input_field is None else f"{layer.input_field}x{layer.input_field}",
         )
     t.add_section()
-    t.add_row("total", "", "", "", "", "", "", "", "", f"{table['params']:,}", f"{table['connections']:,}")
+    t.add_row(
+        "total", "", "", "", "", "", "", "", "", f"{table['params']:,}", f"{table['connections']:,}"
+    )
     console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
     console.print(t)
     return console.export_text()

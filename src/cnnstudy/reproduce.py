@@ -38,9 +38,12 @@ class Comparison:
             return True
         if self.new is None or len(self.stored_history) != len(self.new_history):
             return False
-        pairs = [(self.stored, self.new), *zip(
-            [v for _, v in self.stored_history], [v for _, v in self.new_history], strict=True
-        )]
+        pairs = [
+            (self.stored, self.new),
+            *zip(
+                [v for _, v in self.stored_history], [v for _, v in self.new_history], strict=True
+            ),
+        ]
         steps_agree = [s for s, _ in self.stored_history] == [s for s, _ in self.new_history]
         return steps_agree and all(abs(a - b) <= tolerance for a, b in pairs)
 
@@ -58,7 +61,9 @@ def stored_config(client, run_id: str) -> DictConfig:
     try:
         return OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
     except Exception as err:  # noqa: BLE001 -- OmegaConf raises several kinds; all mean the same
-        raise ConfigError(f"run {run_id}: its config.yaml no longer fits the schema: {err}") from None
+        raise ConfigError(
+            f"run {run_id}: its config.yaml no longer fits the schema: {err}"
+        ) from None
 
 
 def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
@@ -73,11 +78,16 @@ def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
     rows = []
     for name, value in sorted(stored.items()):
         compared = name not in TIMING_METRICS
-        rows.append(Comparison(
-            name, value, new.get(name), compared,
-            history(stored_run_id, name) if compared else [],
-            history(new_run_id, name) if compared else [],
-        ))
+        rows.append(
+            Comparison(
+                name,
+                value,
+                new.get(name),
+                compared,
+                history(stored_run_id, name) if compared else [],
+                history(new_run_id, name) if compared else [],
+            )
+        )
     return rows
 
 
@@ -108,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         help="MLflow store holding the run (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     parser.add_argument(
-        "--tolerance", type=float, default=0.0,
+        "--tolerance",
+        type=float,
+        default=0.0,
         help="largest absolute difference counted as a match (default: 0, exact)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -138,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     torch_then = run.data.tags.get("cnnstudy.version.torch")
 
     result = train(
-        cfg, overrides, entry_point="cnnstudy-reproduce",
+        cfg,
+        overrides,
+        entry_point="cnnstudy-reproduce",
         extra_tags={"cnnstudy.reproduces": args.run_id},
     )
 

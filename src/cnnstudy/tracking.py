@@ -85,19 +85,32 @@ def git_state(path: Path) -> tuple[str, str]:
     """(commit, dirty) of the repository holding `path`; ("unknown", "unknown") outside one."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         return commit, str(bool(status.strip())).lower()
     except (OSError, subprocess.CalledProcessError):
         return "unknown", "unknown"
 
 
-PACKAGES = ("cnnstudy", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "mlflow",
-            "optuna", "torchmetrics")
+PACKAGES = (
+    "cnnstudy",
+    "torch",
+    "torchvision",
+    "lightning",
+    "hydra-core",
+    "omegaconf",
+    "mlflow",
+    "optuna",
+)
 
 
 def run_tags(cfg: DictConfig, overrides: list[str], entry_point: str) -> dict[str, str]:

@@ -55,15 +55,22 @@ class RunResult:
 
 @contextlib.contextmanager
 def _isolated_globals(num_threads: int) -> Iterator[None]:
-    """Restore what seeding and deterministic training change process-wide."""
+    """Restore what seeding and deterministic training change process-wide.
+
+    Python's RNG state is saved before torch and numpy are imported: a first import
+    may draw from it.
+    """
+    saved_py = random.getstate()
+    saved_env = {
+        k: os.environ.get(k)
+        for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
+    }
     import numpy as np
     import torch
 
-    saved_env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS",
-                                                 "CUBLAS_WORKSPACE_CONFIG")}
+    saved_np = np.random.get_state()
     saved_threads = torch.get_num_threads()
     saved_deterministic = torch.are_deterministic_algorithms_enabled()
-    saved_py, saved_np = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             if num_threads:
@@ -173,22 +180,23 @@ def train(
     check(cfg)
     layers = plan(cfg.model, cfg.data)
     started = time.perf_counter()
-
-    import lightning as L
-    import mlflow
-    import torch
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from cnnstudy.data import ImageDataModule
-    from cnnstudy.describe import describe, render
-    from cnnstudy.model import build_network
-    from cnnstudy.system import Classifier, Throughput
-
-    _quiet_lightning()
     with _isolated_globals(cfg.trainer.num_threads), warnings.catch_warnings():
+        import lightning as L
+        import mlflow
+        import torch
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        from cnnstudy.data import ImageDataModule
+        from cnnstudy.describe import describe, render
+        from cnnstudy.model import build_network
+        from cnnstudy.system import Classifier, Throughput
+
+        _quiet_lightning()
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
-        datamodule = ImageDataModule(cfg.data, seed=cfg.seed, channels_last=cfg.trainer.channels_last)
+        datamodule = ImageDataModule(
+            cfg.data, seed=cfg.seed, channels_last=cfg.trainer.channels_last
+        )
         splits = datamodule.prepare()
         optimizer = _optimizer_factory(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -237,7 +245,9 @@ def train(
                 metrics.update({k: float(v) for k, v in result.items()})
             metrics["time/fit_s"] = fit_seconds
             mlflow.log_metric("time/fit_s", fit_seconds)
-            metrics.update({"model/params": counts["params"], "model/connections": counts["connections"]})
+            metrics.update(
+                {"model/params": counts["params"], "model/connections": counts["connections"]}
+            )
             if cfg.logger.log_model:
                 _log_network(network, cfg)
     return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
@@ -266,9 +276,11 @@ def _log_network(network: Any, cfg: DictConfig) -> None:
 
 def summary(result: RunResult) -> str:
     m = result.metrics
+    nan = float("nan")
     return (
-        f"test/acc {m.get('test/acc', float('nan')):.4f}  test/loss {m.get('test/loss', float('nan')):.4f}"
-        f"  params {int(m.get('model/params', 0)):,}  {m.get('train/images_per_s', 0):,.0f} images/s"
+        f"test/acc {m.get('test/acc', nan):.4f}  test/loss {m.get('test/loss', nan):.4f}"
+        f"  params {int(m.get('model/params', 0)):,}"
+        f"  {m.get('train/images_per_s', 0):,.0f} images/s"
         f"  time {result.seconds:.1f} s\n"
         f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}\n"
         f"See it: make ui  (or cnnstudy-ui)"
@@ -282,9 +294,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
 
     hydra_cfg = HydraConfig.get()
     try:
-        result = train(
-            cfg, list(hydra_cfg.overrides.task), root_dir=hydra_cfg.runtime.output_dir
-        )
+        result = train(cfg, list(hydra_cfg.overrides.task), root_dir=hydra_cfg.runtime.output_dir)
     except ConfigError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise

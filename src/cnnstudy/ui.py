@@ -20,14 +20,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     parser.add_argument("--print-only", action="store_true", help="print the link, start nothing")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. logger.experiment_name=x")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. logger.experiment_name=x"
+    )
     args = parser.parse_args(argv)
 
     cfg = compose(args.overrides)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
     if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
-        raise ConfigError(f"tracking URI {uri}: cnnstudy-ui serves a database store; "
-                          "for an MLflow server, open its address instead")
+        raise ConfigError(
+            f"tracking URI {uri}: cnnstudy-ui serves a database store; "
+            "for an MLflow server, open its address instead"
+        )
 
     import mlflow
 
@@ -37,12 +41,25 @@ def main(argv: list[str] | None = None) -> None:
             f"logger.experiment_name={cfg.logger.experiment_name}: no such experiment in {uri}; "
             "train a run first (make demo)"
         )
-    print(f"MLflow runs of '{experiment.name}': "
-          f"http://{args.host}:{args.port}/#/experiments/{experiment.experiment_id}/runs", flush=True)
+    print(
+        f"MLflow runs of '{experiment.name}': "
+        f"http://{args.host}:{args.port}/#/experiments/{experiment.experiment_id}/runs",
+        flush=True,
+    )
     if args.print_only:
         return
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     os.execv(sys.executable, command)
 
 

@@ -1,0 +1,36 @@
+"""Shared helpers: run the real entry points in a fresh process, each in its own MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(
+    name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [str(BIN / name), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> dict[str, str]:
+    """Overrides and environment that put a run's database and artifacts under tmp_path."""
+    return {
+        "uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "artifacts": str(tmp_path / "mlartifacts"),
+    }

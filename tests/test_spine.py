@@ -1,0 +1,154 @@
+"""train() as a library call (repeatable, nothing global left behind), multirun, the UI."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from cnnstudy.config import compose
+
+from .conftest import BIN, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from cnnstudy.train import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose(
+        [
+            "trainer=smoke",
+            "trainer.limit_train_batches=4",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"logger.artifact_location={tmp_path}/a",
+            "logger.log_model=false",
+            "trainer.num_threads=1",
+        ]
+    )
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    expected = (torch.rand(1).item(), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+
+    first = train(cfg)
+    second = train(cfg)
+
+    assert first.run_id != second.run_id
+    timing = ("train/images_per_s", "time/fit_s")
+    assert {k: v for k, v in first.metrics.items() if k not in timing} == {
+        k: v for k, v in second.metrics.items() if k not in timing
+    }
+    assert (torch.rand(1).item(), random.random(), np.random.rand()) == expected
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "trainer=smoke",
+        "model.receptive_field=3,7",
+        "logger.log_model=false",
+        f"logger.artifact_location={tmp_path}/a",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
+    assert sorted(r.data.params["model.receptive_field"] for r in runs) == ["3", "7"]
+    assert sorted(r.data.metrics["model/params"] for r in runs) == [
+        10 * 50 + (13 * 13 * 10 + 1) * 200 + 2010,
+        10 * 10 + (15 * 15 * 10 + 1) * 200 + 2010,
+    ]
+    assert {r.info.run_name for r in runs} == {
+        "seed_example trainer=smoke model.receptive_field=3",
+        "seed_example trainer=smoke model.receptive_field=7",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_links_to_the_runs_table_and_serves_on_localhost(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(uri).create_experiment("cnnstudy", artifact_location=f"{tmp_path}/a")
+    experiment_id = mlflow.MlflowClient(uri).get_experiment_by_name("cnnstudy").experiment_id
+    port = _free_port()
+    printed = run_cli(
+        "cnnstudy-ui",
+        "--print-only",
+        "--port",
+        str(port),
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    link = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+    assert link in printed.stdout
+
+    server = subprocess.Popen(
+        [str(BIN / "cnnstudy-ui"), "--port", str(port)],
+        cwd=tmp_path,
+        env={"PATH": str(BIN), "MLFLOW_TRACKING_URI": uri, "HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "MLflow UI did not start in 90 s"
+                time.sleep(0.5)
+        listening = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True
+        ).stdout
+        local = {line.split()[3].rsplit(":", 1)[0] for line in listening.splitlines()}
+        if local:  # ss is there: every listening socket on the port is on loopback
+            assert local == {"127.0.0.1"}, listening
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_ui_without_runs_says_what_to_do(tmp_path):
+    result = run_cli(
+        "cnnstudy-ui",
+        "--print-only",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+    )
+    assert result.returncode == 2
+    assert "no such experiment" in result.stderr and "make demo" in result.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))

@@ -1,0 +1,40 @@
+"""Redaction and naming: what reaches MLflow."""
+
+from __future__ import annotations
+
+from cnnstudy.tracking import flatten, override_secret, redact, redact_text
+
+
+def test_password_in_a_url_is_redacted():
+    assert redact_text("postgresql://alice:hunter2@db:5432/x") == "postgresql://alice:***@db:5432/x"
+    assert redact_text("http://tok@host/path") == "http://tok@host/path"  # no password part
+    assert redact_text("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
+    assert "s3cr3t" not in redact_text("https://host/api?api_key=s3cr3t&x=1")
+
+
+def test_secret_keys_are_redacted_at_any_depth():
+    tree = {
+        "logger": {"tags": {"api_token": "abc", "team": "vision"}},
+        "db": {"password": "pw"},
+        "list": ["mysql://u:pw@h/db"],
+    }
+    clean = redact(tree)
+    assert clean["logger"]["tags"] == {"api_token": "***", "team": "vision"}
+    assert clean["db"]["password"] == "***"
+    assert clean["list"] == ["mysql://u:***@h/db"]
+
+
+def test_overrides_are_redacted_by_key_and_url():
+    assert override_secret("+logger.tags.token=abc") == "+logger.tags.token=***"
+    assert override_secret("logger.tracking_uri=postgresql://a:b@h/d") == (
+        "logger.tracking_uri=postgresql://a:***@h/d"
+    )
+    assert override_secret("model.filters=8") == "model.filters=8"
+
+
+def test_flatten_uses_dotted_keys():
+    assert flatten({"model": {"filters": 8, "list": [1, 2]}, "e": {}}) == {
+        "model.filters": "8",
+        "model.list": "[1, 2]",
+        "e": "{}",
+    }
