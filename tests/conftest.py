@@ -27,6 +27,12 @@ def run_cli(
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_data_cache(tmp_path_factory) -> None:
+    """Decoded-data caches of the test session stay in its temporary folder."""
+    os.environ["CNNSTUDY_CACHE"] = str(tmp_path_factory.mktemp("cnnstudy-cache"))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> dict[str, str]:
     """Overrides and environment that put a run's database and artifacts under tmp_path."""

@@ -20,6 +20,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "none")
 POOLS = ("max", "avg", "none")
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "folder")
+FITS = ("resize", "pad", "resize_pad")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 class ConfigError(ValueError):
@@ -56,21 +59,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits (scikit-learn's bundled 8x8 digits, brought to height x width)
-    channels: int = 1  # input channels the network sees
+    name: str = "digits"  # digits, mnist, fashion_mnist, kmnist, cifar10, folder
+    root: str = "data"  # torchvision datasets: the folder holding MNIST/raw, cifar-10-batches-py...
+    download: bool = False  # torchvision datasets: fetch missing files (needs the internet)
+    path: str = ""  # folder: one subfolder of images per class (torchvision's ImageFolder layout)
+    channels: int = 1  # input channels the network sees (images are converted: L or RGB)
     height: int = 32
     width: int = 32
-    num_classes: int = 10
+    fit: str = "resize"  # how images reach height x width: resize, pad (centre/crop), resize_pad
+    bad_images: str = (
+        "error"  # folder: unreadable files stop the run (error) or are left out (skip)
+    )
+    num_classes: int = 10  # 0: count the class folders (data=folder)
     batch_size: int = 128
     val_fraction: float = 0.1  # of the training pool, held out for validation
     test_fraction: float = 0.2  # for datasets without a test split of their own
     split_seed: int = 0  # the split depends on this seed only, not on the run's seed
-    mean: list[float] = field(
-        default_factory=list
-    )  # per-channel pixel mean (0-255); empty: from train split
-    std: list[float] = field(
-        default_factory=list
-    )  # per-channel pixel std (0-255); empty: from train split
+    # per-channel pixel mean and std (0-255); empty: computed on the training split
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    augment_shift: int = 0  # training batches: random translations of up to this many pixels
+    augment_flip: bool = False  # training batches: random horizontal flips (not for digits!)
+    cache_dir: str = ""  # decoded-data cache; empty: $CNNSTUDY_CACHE or ~/.cache/cnnstudy
 
 
 @dataclass
@@ -78,9 +88,11 @@ class TrainerConfig:
     max_epochs: int = 3
     accelerator: str = "auto"  # cpu, gpu, auto: as Lightning's Trainer
     devices: Any = 1
-    precision: str = "32-true"  # as Lightning's Trainer: 32-true, bf16-mixed, 16-mixed
+    precision: str = (
+        "auto"  # auto: bf16-mixed on GPUs with bf16, else 32-true; or Lightning's names
+    )
     deterministic: bool = True  # bitwise reproducible on CPU; cnnstudy-reproduce relies on it
-    channels_last: bool = False  # NHWC memory format for conv layers
+    channels_last: Any = "auto"  # NHWC memory format; auto: on wherever the network has conv layers
     limit_train_batches: Any = None  # int (batches) or float (share); None: all
     limit_val_batches: Any = None
     limit_test_batches: Any = None
@@ -105,6 +117,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     optimizer: Any = None  # a _target_ config for torch.optim, instantiated with _partial_
+    scheduler: Any = None  # a _target_ config for torch.optim.lr_scheduler, or _target_: null
     seed: int = 0
 
 
@@ -226,8 +239,24 @@ def check(cfg: DictConfig) -> None:
     if any(n < 1 for n in m.hidden_units_per_layer):
         _fail("model.hidden_units_per_layer", m.hidden_units_per_layer, "every count must be >= 1")
 
+    d = cfg.data
+    if d.name not in DATASETS:
+        _fail("data.name", d.name, f"unknown dataset; valid: {', '.join(DATASETS)} (data=NAME)")
+    if d.name == "folder" and not d.path:
+        _fail("data.path", d.path, "data=folder needs the image folder: data.path=/some/images")
+    if d.fit not in FITS:
+        _fail("data.fit", d.fit, f"valid: {', '.join(FITS)}")
+    if d.bad_images not in ("error", "skip"):
+        _fail("data.bad_images", d.bad_images, "valid: error, skip")
     for key in ("channels", "height", "width", "batch_size"):
         _at_least(cfg, "data", key, 1)
+    _at_least(cfg, "data", "augment_shift", 0)
+    if d.channels not in (1, 3):
+        _fail("data.channels", d.channels, "images are read as grayscale (1) or RGB (3)")
+    if d.num_classes == 0 and d.name == "folder":
+        from cnnstudy.datafiles import count_classes
+
+        d.num_classes = count_classes(Path(d.path))
     _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
         _share(cfg, "data", key)
@@ -250,12 +279,25 @@ def check(cfg: DictConfig) -> None:
         _limit(cfg, key)
     if cfg.trainer.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
         _fail("trainer.accelerator", cfg.trainer.accelerator, "valid: auto, cpu, gpu, cuda, mps")
+    if cfg.trainer.precision not in PRECISIONS:
+        _fail("trainer.precision", cfg.trainer.precision, f"valid: {', '.join(PRECISIONS)}")
+    if cfg.trainer.channels_last not in ("auto", True, False):
+        _fail("trainer.channels_last", cfg.trainer.channels_last, "valid: auto, true, false")
 
     optimizer = cfg.optimizer
     if not isinstance(optimizer, DictConfig) or "_target_" not in optimizer:
         _fail("optimizer", optimizer, "must be a config with _target_ (e.g. optimizer=adam)")
     if "lr" in optimizer and not optimizer.lr > 0:
         _fail("optimizer.lr", optimizer.lr, "the learning rate must be positive")
+    scheduler = cfg.scheduler
+    if scheduler is not None and (
+        not isinstance(scheduler, DictConfig) or "_target_" not in scheduler
+    ):
+        _fail(
+            "scheduler",
+            scheduler,
+            "must be a config with _target_ (scheduler=onecycle, cosine, none)",
+        )
 
     plan(cfg.model, cfg.data)
 

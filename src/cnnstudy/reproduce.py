@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     if torch_then and torch_then != metadata.version("torch"):
         print(f"note: the run used torch {torch_then}, this one {metadata.version('torch')}")
     failed = [row.metric for row in rows if not row.matches(args.tolerance)]
+    data_then = run.data.tags.get("cnnstudy.data_fingerprint")
+    data_now = client.get_run(result.run_id).data.tags.get("cnnstudy.data_fingerprint")
+    if data_then and data_then != data_now:
+        print(f"data: DIFFERENT (fingerprint {data_then} then, {data_now} now)")
+        failed.append("data fingerprint")
+    elif data_then:
+        print(f"data: same (fingerprint {data_now})")
     if failed:
         print(f"MISMATCH in {len(failed)} metric(s): {', '.join(failed)}")
         sys.exit(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,11 +30,13 @@ class Classifier(L.LightningModule):
         network: nn.Module,
         num_classes: int,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None,
     ) -> None:
         super().__init__()
         self.network = network
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self._totals: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +84,15 @@ class Classifier(L.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.network.parameters())
+        optimizer = self.optimizer_factory(self.network.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class Throughput(L.Callback):

@@ -138,3 +138,54 @@ def resolve_artifact_location(location: str) -> str:
     if "://" in location:
         return location
     return Path(location).resolve().as_uri()
+
+
+def record_setup(cfg: DictConfig, layers: list, splits: Any, mean: list, std: list) -> None:
+    """Log what a run starts from into the active MLflow run: config, data, architecture."""
+    import json
+
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
+
+    from cnnstudy.architecture import totals
+    from cnnstudy.describe import describe, render
+
+    config = plain_config(cfg)
+    params = flatten(config)
+    for name, split in splits.items():
+        params[f"data.{name}_size"] = str(len(split))
+    params["data.train_mean"] = json.dumps([round(v, 4) for v in mean])
+    params["data.train_std"] = json.dumps([round(v, 4) for v in std])
+    mlflow.log_params(params)
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(config)), "config.yaml")
+    table = describe(cfg)
+    mlflow.log_text(render(table, layers), "describe.txt")
+    mlflow.log_dict(table, "describe.json")
+    counts = totals(layers)
+    mlflow.log_metrics(
+        {"model/params": counts["params"], "model/connections": counts["connections"]}
+    )
+
+    if splits.source.startswith("/"):
+        source = LocalArtifactDatasetSource(redact_text(splits.source))
+    else:
+        source = CodeDatasetSource({"loader": splits.source})
+    contexts = {"train": "training", "val": "validation", "test": "testing"}
+    for name, split in splits.items():
+        dataset = MetaDataset(source, name=f"{cfg.data.name}-{name}", digest=split.fingerprint)
+        mlflow.log_input(dataset, context=contexts[name])
+    mlflow.log_dict(
+        {
+            "classes": splits.classes,
+            "sizes": {name: len(split) for name, split in splits.items()},
+            "fingerprints": {name: split.fingerprint for name, split in splits.items()},
+            "mean": mean,
+            "std": std,
+            "from_cache": splits.from_cache,
+        },
+        "data.json",
+    )
+    if splits.skipped:
+        mlflow.log_text("\n".join(splits.skipped) + "\n", "skipped_images.txt")
+    mlflow.log_metric("time/data_load_s", splits.load_seconds)

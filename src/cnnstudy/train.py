@@ -15,7 +15,6 @@ Heavy imports (torch, Lightning, MLflow) happen only after the config is checked
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import sys
@@ -28,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnnstudy.architecture import plan, totals
 from cnnstudy.cli import EXIT_USER_ERROR, report
 from cnnstudy.config import CONFIG_DIR, ConfigError, check
-from cnnstudy.tracking import flatten, plain_config, run_name, run_tags, tracking_uri
+from cnnstudy.datafiles import check_files
+from cnnstudy.tracking import record_setup, run_name, run_tags, tracking_uri
 
 _EXPECTED_WARNINGS = (
     r".*is smaller than the logging interval",  # metrics are logged per epoch, not per step
@@ -88,6 +88,15 @@ def _isolated_globals(num_threads: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _absolute_paths(cfg: DictConfig) -> DictConfig:
+    """A copy with data paths made absolute, so the stored config reproduces from any folder."""
+    cfg = cfg.copy()
+    for key in ("root", "path", "cache_dir"):
+        if cfg.data[key]:
+            cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
+    return cfg
+
+
 def _quiet_lightning() -> None:
     """One console line per Lightning message, and none advertising its cloud logger."""
     import logging
@@ -107,20 +116,39 @@ class _NoAdverts:
         return "litlogger" not in str(record.msg)
 
 
-def _optimizer_factory(cfg: DictConfig):
-    """The optimizer as a factory of parameters; tried once on a dummy parameter so that a
-    bad key or value is a config error now, not a crash mid-fit."""
+def _optimizer_factories(cfg: DictConfig):
+    """(optimizer factory, scheduler factory or None), each tried once on a dummy parameter
+    so that a bad key or value is a config error now, not a crash mid-fit.
+
+    The scheduler runs per batch over the whole run: its total_steps (OneCycleLR) or T_max
+    (CosineAnnealingLR) is filled in from the trainer's estimated number of steps.
+    """
+    import inspect
+
     import torch
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    try:
-        factory = instantiate(cfg.optimizer, _partial_=True)
-        factory([torch.nn.Parameter(torch.zeros(1))])
-    except (InstantiationException, TypeError, ValueError) as err:
-        message = str(err).strip().splitlines()[-1]
-        raise ConfigError(f"optimizer ({cfg.optimizer._target_}): {message}") from None
-    return factory
+    def attempt(group: str, build):
+        try:
+            return build()
+        except (InstantiationException, TypeError, ValueError) as err:
+            message = str(err).strip().splitlines()[-1]
+            raise ConfigError(f"{group} ({cfg[group]._target_}): {message}") from None
+
+    optimizer = attempt("optimizer", lambda: instantiate(cfg.optimizer, _partial_=True))
+    dummy = attempt("optimizer", lambda: optimizer([torch.nn.Parameter(torch.zeros(1))]))
+    if cfg.scheduler is None or cfg.scheduler.get("_target_") is None:
+        return optimizer, None
+    partial = attempt("scheduler", lambda: instantiate(cfg.scheduler, _partial_=True))
+    accepts = inspect.signature(partial.func).parameters
+
+    def scheduler(opt, total_steps: int):
+        length = {k: total_steps for k in ("total_steps", "T_max") if k in accepts}
+        return partial(opt, **length)
+
+    attempt("scheduler", lambda: scheduler(dummy, 10))
+    return optimizer, scheduler
 
 
 def _experiment_id(cfg: DictConfig) -> str:
@@ -140,7 +168,30 @@ def _experiment_id(cfg: DictConfig) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def _trainer(cfg: DictConfig, logger: Any, callbacks: list[Any], root_dir: str):
+@dataclass
+class Hardware:
+    precision: str
+    channels_last: bool
+
+
+def resolve_hardware(cfg: DictConfig) -> Hardware:
+    """Precision and memory format that follow the device unless the config fixes them:
+    bf16 mixed precision on GPUs that support it, float32 elsewhere; channels_last
+    wherever the network has conv layers (oneDNN and cuDNN both run NHWC faster)."""
+    import torch
+
+    t = cfg.trainer
+    precision = t.precision
+    if precision == "auto":
+        gpu = t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    channels_last = t.channels_last
+    if channels_last == "auto":
+        channels_last = cfg.model.stages > 0
+    return Hardware(precision, bool(channels_last))
+
+
+def _trainer(cfg: DictConfig, precision: str, logger: Any, callbacks: list[Any], root_dir: str):
     import lightning as L
 
     t = cfg.trainer
@@ -152,7 +203,7 @@ def _trainer(cfg: DictConfig, logger: Any, callbacks: list[Any], root_dir: str):
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
-        precision=t.precision,
+        precision=precision,
         deterministic=t.deterministic,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
@@ -178,6 +229,8 @@ def train(
 ) -> RunResult:
     """Train the network `cfg` describes, log one MLflow run, return its metrics."""
     check(cfg)
+    check_files(cfg.data)
+    cfg = _absolute_paths(cfg)
     layers = plan(cfg.model, cfg.data)
     started = time.perf_counter()
     with _isolated_globals(cfg.trainer.num_threads), warnings.catch_warnings():
@@ -187,56 +240,49 @@ def train(
         from lightning.pytorch.loggers import MLFlowLogger
 
         from cnnstudy.data import ImageDataModule
-        from cnnstudy.describe import describe, render
         from cnnstudy.model import build_network
         from cnnstudy.system import Classifier, Throughput
 
         _quiet_lightning()
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
-        datamodule = ImageDataModule(
-            cfg.data, seed=cfg.seed, channels_last=cfg.trainer.channels_last
-        )
+        hardware = resolve_hardware(cfg)
+        datamodule = ImageDataModule(cfg.data, seed=cfg.seed, channels_last=hardware.channels_last)
         splits = datamodule.prepare()
-        optimizer = _optimizer_factory(cfg)
+        optimizer, scheduler = _optimizer_factories(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         network = build_network(layers)
-        if cfg.trainer.channels_last:
+        if hardware.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        system = Classifier(network, cfg.data.num_classes, optimizer)
+        system = Classifier(network, cfg.data.num_classes, optimizer, scheduler)
 
         uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(uri)
         experiment_id = _experiment_id(cfg)
         tags = run_tags(cfg, list(overrides), entry_point)
         tags.update(extra_tags or {})
-        tags["cnnstudy.torch_threads"] = str(torch.get_num_threads())
-        tags["cnnstudy.data_fingerprint"] = splits.fingerprint()
+        tags.update(
+            {
+                "cnnstudy.torch_threads": str(torch.get_num_threads()),
+                "cnnstudy.precision": hardware.precision,
+                "cnnstudy.channels_last": str(hardware.channels_last).lower(),
+                "cnnstudy.data_fingerprint": splits.fingerprint,
+                "cnnstudy.data_from_cache": str(splits.from_cache).lower(),
+            }
+        )
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name(cfg, list(overrides)), tags=tags
         ) as run:
             run_id = run.info.run_id
-            config = plain_config(cfg)
-            params = flatten(config)
-            for name, split in splits.items():
-                params[f"data.{name}_size"] = str(len(split))
-            params["data.train_mean"] = json.dumps([round(v, 4) for v in datamodule.mean])
-            params["data.train_std"] = json.dumps([round(v, 4) for v in datamodule.std])
-            mlflow.log_params(params)
-            table = describe(cfg)
-            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(config)), "config.yaml")
-            mlflow.log_text(render(table, layers), "describe.txt")
-            mlflow.log_dict(table, "describe.json")
+            record_setup(cfg, layers, splits, datamodule.mean, datamodule.std)
             counts = totals(layers)
-            mlflow.log_metrics(
-                {"model/params": counts["params"], "model/connections": counts["connections"]}
-            )
-
             logger = MLFlowLogger(
                 experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
             )
             throughput = Throughput()
-            trainer = _trainer(cfg, logger, [throughput], root_dir or os.getcwd())
+            trainer = _trainer(
+                cfg, hardware.precision, logger, [throughput], root_dir or os.getcwd()
+            )
             fit_started = time.perf_counter()
             trainer.fit(system, datamodule=datamodule)
             fit_seconds = time.perf_counter() - fit_started

@@ -1,0 +1,115 @@
+"""Where data lives on disk: the files torchvision's datasets read, and image folders in
+ImageFolder's layout (one subfolder per class). Plain Python: config checks and describe
+use it without importing torch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cnnstudy.config import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _images_in(folder: Path) -> Iterator[Path]:
+    for root, _, names in os.walk(folder, followlinks=True):
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                yield Path(root) / name
+
+
+def class_folders(path: Path) -> list[Path]:
+    """The class subfolders, sorted; a ConfigError when there are fewer than 2 or one is empty."""
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(
+            f"data.path={path}: not a folder; give a folder with one subfolder of images per class"
+        )
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        names = ", ".join(p.name for p in folders) or "none"
+        raise ConfigError(
+            f"data.path={path}: {len(folders)} class folder(s) found ({names}); a classifier "
+            "needs at least 2, one subfolder per class holding its images"
+        )
+    empty = [p.name for p in folders if next(_images_in(p), None) is None]
+    if empty:
+        raise ConfigError(
+            f"data.path={path}: class folder(s) with no images: {', '.join(empty)} "
+            f"(image files end in {', '.join(IMAGE_SUFFIXES)}); remove them or add images"
+        )
+    return folders
+
+
+def image_files(path: Path) -> list[tuple[Path, int]]:
+    """(file, class index) for every image file under the class folders, in a stable order."""
+    return [
+        (file, label)
+        for label, folder in enumerate(class_folders(path))
+        for file in sorted(_images_in(folder))
+    ]
+
+
+def count_classes(path: Path) -> int:
+    return len(class_folders(path))
+
+
+# ---------------------------------------------------------------------------- torchvision
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# name -> (torchvision class, folder under data.root, files torchvision reads there)
+TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw", _MNIST_FILES),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES),
+    "kmnist": ("KMNIST", "KMNIST/raw", _MNIST_FILES),
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        (
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+            "test_batch",
+            "batches.meta",
+        ),
+    ),
+}
+
+
+def expected_files(data: Any) -> list[Path]:
+    _, folder, files = TORCHVISION[data.name]
+    return [Path(data.root).expanduser().resolve() / folder / name for name in files]
+
+
+def missing_message(data: Any, why: str) -> str:
+    files = expected_files(data)
+    remedy = (
+        "check the connection, or download them elsewhere and copy them there"
+        if data.download
+        else "or set data.download=true where the internet is reachable"
+    )
+    return (
+        f"data={data.name}: {why}. Expected in {files[0].parent}: "
+        f"{', '.join(f.name for f in files)}. Put them there (data.root={data.root} is the "
+        f"folder above), point data.root at the folder that holds them, {remedy}."
+    )
+
+
+def check_files(data: Any) -> None:
+    """Before anything heavy: the files a dataset needs are there, or will be downloaded."""
+    if data.name in TORCHVISION and not data.download:
+        missing = [f for f in expected_files(data) if not f.is_file()]
+        if missing:
+            raise ConfigError(missing_message(data, f"{len(missing)} file(s) missing"))
+    elif data.name == "folder":
+        class_folders(Path(data.path))
