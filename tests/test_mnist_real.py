@@ -21,8 +21,10 @@ RAW = SHARED / "MNIST" / "raw"
 if not (RAW / "train-images-idx3-ubyte").is_file():
     if os.environ.get("CNNSTUDY_REQUIRE_MNIST") == "1":
         pytest.fail(f"CNNSTUDY_REQUIRE_MNIST=1 but real MNIST is not in {RAW}", pytrace=False)
-    pytest.skip(f"real MNIST not found in {RAW} (set CNNSTUDY_REQUIRE_MNIST=1 to fail instead)",
-                allow_module_level=True)
+    pytest.skip(
+        f"real MNIST not found in {RAW} (set CNNSTUDY_REQUIRE_MNIST=1 to fail instead)",
+        allow_module_level=True,
+    )
 
 
 def snapshot() -> dict[str, tuple[int, float]]:
@@ -40,8 +42,9 @@ def test_files_are_the_published_ones():
 
 def test_real_mnist_splits(tmp_path):
     before = snapshot()
-    splits = load_splits(compose(["data=mnist", f"data.root={SHARED}",
-                                  f"data.cache_dir={tmp_path}"]).data)
+    splits = load_splits(
+        compose(["data=mnist", f"data.root={SHARED}", f"data.cache_dir={tmp_path}"]).data
+    )
     assert (len(splits.train), len(splits.val), len(splits.test)) == (54_000, 6_000, 10_000)
     assert splits.train.images.shape[1:] == (1, 32, 32)
     assert splits.test.labels[:2].tolist() == [7, 2]  # MNIST's first two test digits
@@ -52,9 +55,16 @@ def test_real_mnist_splits(tmp_path):
 def test_real_mnist_trains_and_logs_its_data(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run_cli(
-        "cnnstudy-train", "data=mnist", f"data.root={SHARED}", "trainer=smoke",
-        "trainer.limit_train_batches=60", "trainer.limit_test_batches=20", "logger.log_model=false",
-        f"logger.artifact_location={tmp_path}/a", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
+        "cnnstudy-train",
+        "data=mnist",
+        f"data.root={SHARED}",
+        "trainer=smoke",
+        "trainer.limit_train_batches=60",
+        "trainer.limit_test_batches=20",
+        "logger.log_model=false",
+        f"logger.artifact_location={tmp_path}/a",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
