@@ -25,25 +25,33 @@ from pathlib import Path
 
 
 def plain_loop(
-    splits, layers, mean, std, epochs: int, batch_size: int, channels_last: bool
+    splits,
+    layers,
+    mean,
+    std,
+    epochs: int,
+    batch_size: int,
+    channels_last: bool,
+    device: str = "cpu",
 ) -> float:
     import torch
     from torch.nn import functional as F
 
-    from cnnstudy.data import TensorBatches
+    from cnnstudy.data import Split, TensorBatches
     from cnnstudy.model import build_network
 
     torch.manual_seed(0)
-    net = build_network(layers)
+    net = build_network(layers).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)  # as conf/optimizer/adam.yaml
     shape = (1, -1, 1, 1)
+    train = Split(splits.train.images.to(device), splits.train.labels.to(device))
     batches = TensorBatches(
-        splits.train,
+        train,
         batch_size,
-        torch.tensor(mean).view(shape),
-        torch.tensor(std).view(shape),
+        torch.tensor(mean, device=device).view(shape),
+        torch.tensor(std, device=device).view(shape),
         shuffle=True,
         channels_last=channels_last,
     )
@@ -56,6 +64,8 @@ def plain_loop(
             loss.backward()
             opt.step()
             images += len(y)
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds += time.perf_counter() - start
     return images / seconds
 

@@ -15,6 +15,9 @@ def build_network(layers: list[Layer]) -> nn.Sequential:
     """An nn.Sequential whose modules carry the plan's layer names (conv1, pool1, fc1, output).
 
     The output layer yields logits; the softmax is part of the loss (cross-entropy).
+    Max pooling commutes with every activation offered (all are non-decreasing), so the
+    activation of the conv before a max pool runs after it, on a quarter of the values:
+    the same numbers, forward and backward, for much less memory traffic.
     """
     modules: OrderedDict[str, nn.Module] = OrderedDict()
     for layer in layers:
@@ -23,7 +26,14 @@ def build_network(layers: list[Layer]) -> nn.Sequential:
             modules[layer.name] = nn.Conv2d(in_c, out_c, f, layer.stride, layer.padding)
         elif layer.kind == "pool":
             pool = nn.MaxPool2d if layer.activation == "max" else nn.AvgPool2d
+            deferred = None
+            if layer.activation == "max" and isinstance(
+                next(reversed(modules.values()), None), tuple(_ACTIVATIONS.values())
+            ):
+                deferred = modules.popitem()
             modules[layer.name] = pool(layer.receptive_field, layer.stride)
+            if deferred:
+                modules[deferred[0]] = deferred[1]
         elif layer.kind == "dropout":
             modules[layer.name] = nn.Dropout(layer.dropout)
         elif layer.kind == "flatten":

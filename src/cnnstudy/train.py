@@ -112,8 +112,11 @@ def _quiet_lightning() -> None:
 
 
 class _NoAdverts:
+    """Drops Lightning's advert for its cloud logger and a notice about its own internals."""
+
     def filter(self, record: Any) -> bool:
-        return "litlogger" not in str(record.msg)
+        text = str(record.msg)
+        return "litlogger" not in text and "to estimate number of stepping batches" not in text
 
 
 def _optimizer_factories(cfg: DictConfig):
