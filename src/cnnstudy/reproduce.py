@@ -68,7 +68,7 @@ def stored_config(client, run_id: str) -> DictConfig:
 
 def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
     """Every metric of the stored run, its latest value and its whole history, against the new."""
-    from cnnstudy.train import TIMING_METRICS
+    from cnnstudy.train import is_timing
 
     def history(run_id: str, name: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
@@ -77,7 +77,7 @@ def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
     new = client.get_run(new_run_id).data.metrics
     rows = []
     for name, value in sorted(stored.items()):
-        compared = name not in TIMING_METRICS
+        compared = not is_timing(name)
         rows.append(
             Comparison(
                 name,
