@@ -240,3 +240,54 @@ def test_hardware_follows_the_device_on_cpu():
         compose(["trainer.precision=bf16-mixed", "trainer.channels_last=false"])
     )
     assert (fixed.precision, fixed.channels_last) == ("bf16-mixed", False)
+
+
+def test_val_and_test_batches_use_the_training_statistics(tmp_path):
+    from cnnstudy.data import ImageDataModule
+
+    write_idx(tmp_path)
+    dm = ImageDataModule(
+        data_cfg("data=mnist", f"data.root={tmp_path}", f"data.cache_dir={tmp_path}/c")
+    )
+    dm.setup()
+    mean, std = channel_stats(dm.splits.train.images)
+    assert (dm.mean, dm.std) == (mean, std)
+    for loader, split in (
+        (dm.val_dataloader(), dm.splits.val),
+        (dm.test_dataloader(), dm.splits.test),
+    ):
+        x, _ = next(iter(loader))
+        expected = (split.images[: len(x)].float() - mean[0]) / std[0]
+        torch.testing.assert_close(x, expected)
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_lists_the_skipped_files_in_the_run(tmp_path):
+    import mlflow
+
+    bad = write_folder(tmp_path / "images")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli(
+        "cnnstudy-train",
+        "data=folder",
+        f"data.path={tmp_path}/images",
+        "data.bad_images=skip",
+        "data.channels=3",
+        "trainer=smoke",
+        "logger.log_model=false",
+        f"logger.artifact_location={tmp_path}/a",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
+    skipped = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/skipped_images.txt")
+    assert str(bad["corrupt"]) in skipped and str(bad["truncated"]) in skipped
+    data = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/data.json")
+    assert data["classes"] == ["circle", "square", "stripe"] and len(data["mean"]) == 3
+    assert run.data.params["data.num_classes"] == "3"
+    assert run.data.metrics["model/params"] == (
+        10 * (5 * 5 * 3 + 1) + (14 * 14 * 10 + 1) * 200 + 201 * 3
+    )
