@@ -32,7 +32,8 @@ ui: setup
 	$(BIN)/cnnstudy-ui
 
 bench: setup
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/throughput.py --epochs 10 --rounds 5
+	$(BIN)/python benchmarks/mnist.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -1,7 +1,7 @@
 """Training throughput of the seed network, three ways, in one process.
 
     python benchmarks/throughput.py                      # digits (bundled), 5 epochs, batch 128
-    python benchmarks/throughput.py --epochs 10 --batch-size 512 --channels-last
+    python benchmarks/throughput.py --epochs 10 --batch-size 512 --no-channels-last
 
 (a) plain PyTorch loop over the same in-memory uint8 tensors (shuffle-gather, slice,
     standardize, forward, backward, step): the baseline;
@@ -168,7 +168,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5, help="epochs per way (default: 5)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC for (a) and (b)")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC for (a) and (b), as cnnstudy's default trainer.channels_last=auto (default: on)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
