@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import plain_loop, warm_up  # noqa: E402
+from throughput import plain_loop, timed_epochs, warm_up  # noqa: E402
 
 ROOT_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -85,7 +85,6 @@ def tutorial_pipeline(
     """
     import torch
     from torch import nn
-    from torch.nn import functional as F
     from torchvision import datasets, transforms
 
     from cnnstudy.model import build_network
@@ -121,18 +120,7 @@ def tutorial_pipeline(
             nn.Linear(200, 10),
         ).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    images, start = 0, time.perf_counter()
-    for x, y in loader:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        images += len(y)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - start)
+    return timed_epochs(net, opt, loader, 1, device, memory_format)
 
 
 def main() -> None:

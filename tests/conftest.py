@@ -40,3 +40,22 @@ def store(tmp_path: Path) -> dict[str, str]:
         "uri": f"sqlite:///{tmp_path}/mlflow.db",
         "artifacts": str(tmp_path / "mlartifacts"),
     }
+
+
+def train_cli(where: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list]:
+    """cnnstudy-train in its own MLflow store under `where`; the process and its runs."""
+    import mlflow
+
+    uri = f"sqlite:///{where}/mlflow.db"
+    result = run_cli(
+        "cnnstudy-train",
+        *overrides,
+        f"logger.artifact_location={where}/mlartifacts",
+        cwd=where,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)  # runs:/ URIs resolve against the global store
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cnnstudy")
+    return result, client.search_runs([experiment.experiment_id])

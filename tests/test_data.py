@@ -13,7 +13,7 @@ from cnnstudy.config import ConfigError, compose
 from cnnstudy.data import channel_stats, decode_key, load_splits, shift_and_flip
 from cnnstudy.sources import fit
 
-from .conftest import run_cli
+from .conftest import run_cli, train_cli
 from .datamaker import write_folder, write_idx
 
 
@@ -266,23 +266,15 @@ def test_training_on_a_folder_lists_the_skipped_files_in_the_run(tmp_path):
     import mlflow
 
     bad = write_folder(tmp_path / "images")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_cli(
-        "cnnstudy-train",
+    _, (run,) = train_cli(
+        tmp_path,
         "data=folder",
         f"data.path={tmp_path}/images",
         "data.bad_images=skip",
         "data.channels=3",
         "trainer=smoke",
         "logger.log_model=false",
-        f"logger.artifact_location={tmp_path}/a",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": uri},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     skipped = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/skipped_images.txt")
     assert str(bad["corrupt"]) in skipped and str(bad["truncated"]) in skipped
     data = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/data.json")

@@ -7,13 +7,12 @@ import hashlib
 import os
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from cnnstudy.config import compose
 from cnnstudy.data import load_splits
 
-from .conftest import run_cli
+from .conftest import train_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RAW = SHARED / "MNIST" / "raw"
@@ -53,23 +52,15 @@ def test_real_mnist_splits(tmp_path):
 
 
 def test_real_mnist_trains_and_logs_its_data(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_cli(
-        "cnnstudy-train",
+    _, (run,) = train_cli(
+        tmp_path,
         "data=mnist",
         f"data.root={SHARED}",
         "trainer=smoke",
         "trainer.limit_train_batches=60",
         "trainer.limit_test_batches=20",
         "logger.log_model=false",
-        f"logger.artifact_location={tmp_path}/a",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": uri},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     assert run.data.metrics["test/acc"] > 0.85  # 60 batches of real digits already learn a lot
     assert run.data.params["data.train_size"] == "54000"
     assert run.data.params["data.root"] == str(SHARED.resolve())

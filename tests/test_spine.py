@@ -14,7 +14,7 @@ import pytest
 
 from cnnstudy.config import compose
 
-from .conftest import BIN, run_cli
+from .conftest import BIN, run_cli, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -58,20 +58,9 @@ def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path,
 
 
 def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run_cli(
-        "cnnstudy-train",
-        "-m",
-        "trainer=smoke",
-        "model.receptive_field=3,7",
-        "logger.log_model=false",
-        f"logger.artifact_location={tmp_path}/a",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": uri},
+    _, runs = train_cli(
+        tmp_path, "-m", "trainer=smoke", "model.receptive_field=3,7", "logger.log_model=false"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     assert sorted(r.data.params["model.receptive_field"] for r in runs) == ["3", "7"]
     assert sorted(r.data.metrics["model/params"] for r in runs) == [
         10 * 50 + (13 * 13 * 10 + 1) * 200 + 2010,

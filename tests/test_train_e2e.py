@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from .conftest import run_cli
+from .conftest import run_cli, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,25 +20,18 @@ SECRET_TOKEN = "tok-9f8e7d"
 def trained(tmp_path_factory) -> dict:
     """One short run through cnnstudy-train, with secrets in its config."""
     where = tmp_path_factory.mktemp("train")
-    uri = f"sqlite:///{where}/mlflow.db"
-    result = run_cli(
-        "cnnstudy-train",
+    result, (run,) = train_cli(
+        where,
         "trainer.max_epochs=2",
         "trainer.progress_bar=false",
         "model.receptive_field=3",
-        f"logger.artifact_location={where}/mlartifacts",
         # MLFLOW_TRACKING_URI wins over this; the password must still never be stored
         f"logger.tracking_uri=postgresql://alice:{SECRET_PASSWORD}@db.example:5432/mlflow",
         f"+logger.tags.api_token={SECRET_TOKEN}",
         "+logger.tags.team=vision",
-        cwd=where,
-        env={"MLFLOW_TRACKING_URI": uri},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(uri)  # runs:/ URIs below resolve against the global store
+    uri = f"sqlite:///{where}/mlflow.db"
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("cnnstudy")
-    (run,) = client.search_runs([experiment.experiment_id])
     return {"where": where, "uri": uri, "client": client, "run": run, "stdout": result.stdout}
 
 
