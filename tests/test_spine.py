@@ -140,3 +140,24 @@ def test_ui_without_runs_says_what_to_do(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_a_sweep_goes_on_past_an_invalid_job_and_exits_non_zero(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "trainer=smoke",
+        "logger.log_model=false",
+        "model.receptive_field=40,3",
+        f"logger.artifact_location={tmp_path}/a",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "model.receptive_field=40: conv1" in result.stderr
+    assert "1 job(s) of the sweep had config errors" in result.stderr
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
+    assert run.data.params["model.receptive_field"] == "3"

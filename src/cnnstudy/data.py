@@ -343,6 +343,13 @@ class ImageDataModule(L.LightningDataModule):
             flip=self.cfg.augment_flip if train else False,
         )
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # batches are cut on the device already, unless the data did not fit there
+        x, y = batch
+        if x.device == device and y.device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> TensorBatches:
         return self._batches("train", train=True)
 

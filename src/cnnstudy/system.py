@@ -46,13 +46,12 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self.network(x)
         loss = F.cross_entropy(logits, y)
-        with torch.no_grad():
-            step = torch.stack((loss * len(y), (logits.argmax(1) == y).sum().to(loss.dtype)))
-            if stage in self._totals:
-                self._totals[stage][:2] += step
-                self._totals[stage][2] += len(y)
-            else:
-                self._totals[stage] = torch.cat((step, step.new_tensor([len(y)]))).double()
+        step = torch.stack((loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()))
+        totals = self._totals.get(stage)
+        if totals is None:
+            totals = self._totals[stage] = step.new_zeros(3, dtype=torch.float64)
+        totals[:2] += step
+        totals[2] += len(y)
         return loss
 
     def _log_epoch(self, stage: str) -> None:

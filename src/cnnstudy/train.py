@@ -40,6 +40,7 @@ _EXPECTED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.14, harmless
 )
 
+
 def is_timing(metric: str) -> bool:
     """Metrics that measure the machine's speed, not the computation: never compared."""
     return metric.startswith("time/") or metric.endswith("images_per_s")
@@ -201,10 +202,13 @@ def resolve_hardware(cfg: DictConfig) -> Hardware:
     return Hardware(gpu, precision, bool(channels_last))
 
 
-def _trainer(cfg: DictConfig, precision: str, logger: Any, callbacks: list[Any], root_dir: str):
+def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[Any], root_dir: str):
     import lightning as L
 
     t = cfg.trainer
+    # CUDA has no deterministic max-pool backward: on a GPU, warn about such ops instead of
+    # stopping (runs there are close, not bitwise equal; see cnnstudy-reproduce --tolerance).
+    deterministic = "warn" if hardware.gpu and t.deterministic else t.deterministic
     if t.progress_bar:
         from lightning.pytorch.callbacks import RichProgressBar
 
@@ -213,8 +217,8 @@ def _trainer(cfg: DictConfig, precision: str, logger: Any, callbacks: list[Any],
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
-        precision=precision,
-        deterministic=t.deterministic,
+        precision=hardware.precision,
+        deterministic=deterministic,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches,
@@ -295,9 +299,7 @@ def train(
                 experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
             )
             throughput = Throughput()
-            trainer = _trainer(
-                cfg, hardware.precision, logger, [throughput], root_dir or os.getcwd()
-            )
+            trainer = _trainer(cfg, hardware, logger, [throughput], root_dir or os.getcwd())
             fit_started = time.perf_counter()
             trainer.fit(system, datamodule=datamodule)
             fit_seconds = time.perf_counter() - fit_started
@@ -357,16 +359,27 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float]:
     try:
         result = train(cfg, list(hydra_cfg.overrides.task), root_dir=hydra_cfg.runtime.output_dir)
     except ConfigError as err:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise
         report(err)
-        sys.exit(EXIT_USER_ERROR)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(EXIT_USER_ERROR)
+        _failed_jobs.append(" ".join(hydra_cfg.overrides.task))  # the sweep goes on
+        return None
     print(summary(result))
     return result.metrics
 
 
+_failed_jobs: list[str] = []  # multirun jobs stopped by a config error, reported at the end
+
+
 def main() -> None:
     _hydra_main()
+    if _failed_jobs:
+        print(
+            f"cnnstudy: error: {len(_failed_jobs)} job(s) of the sweep had config errors "
+            f"(above): {'; '.join(_failed_jobs)}",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
