@@ -10,6 +10,7 @@ Takes the same overrides as cnnstudy-train; imports neither torch nor Lightning.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from typing import Any
@@ -92,9 +93,9 @@ def render(table: dict[str, Any], layers: list[Layer]) -> str:
     t.add_row(
         "total", "", "", "", "", "", "", "", "", f"{table['params']:,}", f"{table['connections']:,}"
     )
-    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=200, file=io.StringIO())
     console.print(t)
-    return console.export_text()
+    return console.file.getvalue()
 
 
 @user_errors_exit
