@@ -226,7 +226,9 @@ def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[A
         enable_model_summary=False,  # cnnstudy's describe table is logged instead
         enable_checkpointing=False,  # the trained network is logged to MLflow
         num_sanity_val_steps=0,
-        log_every_n_steps=50,
+        # every metric is logged once per epoch; at step intervals Lightning would only write
+        # the epoch number to MLflow (a database write mid-epoch): never
+        log_every_n_steps=2**31 - 1,
         logger=logger,
         callbacks=callbacks,
         default_root_dir=root_dir,
