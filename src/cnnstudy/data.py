@@ -25,7 +25,8 @@ import torch
 from torch.nn import functional as F
 
 from cnnstudy.config import ConfigError
-from cnnstudy.sources import SOURCES, Decoded, describe_files, input_files
+from cnnstudy.datafiles import file_identity
+from cnnstudy.sources import SOURCES, Decoded
 
 CACHE_FORMAT = 1
 
@@ -85,7 +86,7 @@ def decode_key(data: Any) -> str:
         "width": data.width,
         "fit": data.fit,
         "bad_images": data.bad_images,
-        "files": describe_files(input_files(data)),
+        "files": file_identity(data),
     }
     if data.name == "digits":
         from importlib import metadata

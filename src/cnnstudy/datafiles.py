@@ -113,3 +113,22 @@ def check_files(data: Any) -> None:
             raise ConfigError(missing_message(data, f"{len(missing)} file(s) missing"))
     elif data.name == "folder":
         class_folders(Path(data.path))
+
+
+def file_identity(data: Any) -> list[tuple[str, int, int]]:
+    """(path, size, whole-second mtime) of every file a dataset is read from: what the
+    decoded-data cache key checks for changes. Missing files count as size -1."""
+    if data.name in TORCHVISION:
+        files = expected_files(data)
+    elif data.name == "folder":
+        files = [file for file, _ in image_files(Path(data.path))]
+    else:
+        files = []
+    identity = []
+    for file in files:
+        try:
+            st = file.stat()
+            identity.append((str(file), st.st_size, int(st.st_mtime)))
+        except OSError:
+            identity.append((str(file), -1, -1))
+    return identity

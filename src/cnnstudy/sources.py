@@ -7,7 +7,6 @@ has one, and a record of what was read. Decoding happens once; data.py caches it
 
 from __future__ import annotations
 
-import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,23 +202,3 @@ SOURCES = {
     "folder": folder,
     **{name: torchvision_dataset for name in TORCHVISION},
 }
-
-
-def input_files(data: Any) -> list[Path]:
-    """The files a source reads: what the cache key checks for changes."""
-    if data.name in TORCHVISION:
-        return expected_files(data)
-    if data.name == "folder":
-        return [file for file, _ in image_files(Path(data.path))]
-    return []
-
-
-def describe_files(files: list[Path]) -> list[tuple[str, int, int]]:
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-            out.append((str(f), st.st_size, math.floor(st.st_mtime)))
-        except OSError:
-            out.append((str(f), -1, -1))
-    return out
