@@ -8,7 +8,8 @@ Prints, measured in this process (and two child processes for the data load):
 - the data load, cold (decode IDX files with torchvision, write cnnstudy's cache) and
   warm (read the cache), each in a fresh process;
 - training images/second, one epoch each, medians over alternating rounds:
-  (a) a plain PyTorch loop over the same in-memory tensors (same batch, same memory format),
+  (a) cnnstudy's training step in a plain PyTorch loop over the same in-memory tensors
+      (same batch, memory format, optimizer and schedule),
   (b) cnnstudy-train's path (`cnnstudy.train.train`, Lightning and MLflow included),
   (c) torchvision's MNIST dataset + Pad/ToTensor/Normalize transforms + DataLoader;
   with the ratios, and (b)'s training FLOP rate as a share of the matmul peak;
@@ -142,6 +143,7 @@ def main() -> None:
     from cnnstudy.data import ImageDataModule
     from cnnstudy.train import resolve_hardware, train
 
+    torch.set_flush_denormal(True)  # as cnnstudy's runs do, before any parallel region
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="cnnstudy-bench-"))
     data = [
@@ -192,14 +194,11 @@ def main() -> None:
         warm_up(layers, args.batch_size)
     a_runs, b_runs, accuracy_1 = [], [], None
     for _ in range(args.rounds):
-        result = train(compose([*run, "trainer.max_epochs=1"]), ["benchmark"])
+        one_epoch = compose([*run, "trainer.max_epochs=1"])
+        result = train(one_epoch, ["benchmark"])
         b_runs.append(result.metrics["train/images_per_s"])
         accuracy_1 = result.metrics["test/acc"]
-        a_runs.append(
-            plain_loop(
-                splits, layers, dm.mean, dm.std, 1, args.batch_size, hardware.channels_last, device
-            )
-        )
+        a_runs.append(plain_loop(one_epoch, splits, layers, dm.mean, dm.std, 1, device))
         print(f"round: (a) {a_runs[-1]:,.0f}  (b) {b_runs[-1]:,.0f} images/s", flush=True)
     c = tutorial_pipeline(args.root, layers, args.batch_size, args.workers, device, False)
     c2 = tutorial_pipeline(args.root, layers, args.batch_size, args.workers, device, True)

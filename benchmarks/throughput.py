@@ -3,8 +3,9 @@
     python benchmarks/throughput.py                      # digits (bundled), 5 epochs, batch 128
     python benchmarks/throughput.py --epochs 10 --batch-size 512 --no-channels-last
 
-(a) plain PyTorch loop over the same in-memory uint8 tensors (shuffle-gather, slice,
-    standardize, forward, backward, step): the baseline;
+(a) the baseline: cnnstudy's training step in a plain PyTorch loop over the same in-memory
+    uint8 tensors (shuffle-gather, slice, standardize, forward, loss and accuracy sums,
+    backward, optimizer and scheduler step, as the config sets them);
 (b) cnnstudy-train's own path: `cnnstudy.train.train(cfg)`, Lightning and MLflow included,
     its images/s read from the run (training batches only, as in (a));
 (c) the tutorial pipeline: a torchvision dataset (ImageFolder over the digits written as
@@ -48,61 +49,75 @@ def timed_epochs(net, opt, batches, epochs: int, device: str = "cpu", memory_for
     return images / seconds
 
 
-def plain_loop(
-    splits,
-    layers,
-    mean,
-    std,
-    epochs: int,
-    batch_size: int,
-    channels_last: bool,
-    device: str = "cpu",
-) -> float:
+def plain_loop(cfg, splits, layers, mean, std, epochs: int, device: str = "cpu") -> float:
+    """(a): cnnstudy's training step in a plain loop over the same in-memory tensors.
+
+    The same network, batches, loss, per-epoch loss and accuracy sums (`classify`), and
+    the optimizer and per-batch schedule that `cfg` names: only Lightning, the callbacks
+    and MLflow are missing. Images per second of the training batches.
+    """
     import torch
 
     from cnnstudy.data import Split, TensorBatches
     from cnnstudy.model import build_network
+    from cnnstudy.system import Totals, classify
+    from cnnstudy.train import optimizer_factories, resolve_hardware
 
-    torch.manual_seed(0)
+    channels_last = resolve_hardware(cfg).channels_last
+    torch.manual_seed(cfg.seed)
     net = build_network(layers).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)  # as conf/optimizer/adam.yaml
     shape = (1, -1, 1, 1)
     train = Split(splits.train.images.to(device), splits.train.labels.to(device))
     batches = TensorBatches(
         train,
-        batch_size,
+        cfg.data.batch_size,
         torch.tensor(mean, device=device).view(shape),
         torch.tensor(std, device=device).view(shape),
         shuffle=True,
         channels_last=channels_last,
     )
-    return timed_epochs(net, opt, batches, epochs, device)
+    make_optimizer, make_scheduler = optimizer_factories(cfg)
+    opt = make_optimizer(net.parameters())
+    scheduler = make_scheduler(opt, epochs * len(batches)) if make_scheduler else None
+    images, seconds = 0, 0.0
+    for _ in range(epochs):
+        totals = Totals()
+        start = time.perf_counter()
+        for batch in batches:
+            opt.zero_grad(set_to_none=True)
+            classify(net, batch, totals).backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+        totals.as_tensor().tolist()  # the epoch's loss and accuracy, read once
+        seconds += time.perf_counter() - start
+        images += totals.count
+    return images / seconds
 
 
-def cnnstudy_path(
-    data_overrides: list[str], epochs: int, batch_size: int, channels_last: bool, store: Path
-) -> tuple[float, float]:
-    from cnnstudy.config import compose
+def run_overrides(store: Path, epochs: int, batch_size: int, channels_last: bool) -> list[str]:
+    """The benchmark's cnnstudy-train settings: a store of its own, no progress bar."""
+    return [
+        f"data.batch_size={batch_size}",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.channels_last={channels_last}",
+        "trainer.progress_bar=false",
+        "logger.log_model=false",
+        f"logger.tracking_uri=sqlite:///{store}/mlflow.db",
+        f"logger.artifact_location={store}/artifacts",
+        "logger.experiment_name=benchmark",
+    ]
+
+
+def cnnstudy_path(cfg) -> tuple[float, float]:
+    """(b): images/s of the training batches, and of the whole fit (validation included)."""
     from cnnstudy.train import train
 
-    cfg = compose(
-        [
-            *data_overrides,
-            f"data.batch_size={batch_size}",
-            f"trainer.max_epochs={epochs}",
-            f"trainer.channels_last={channels_last}",
-            "trainer.progress_bar=false",
-            "logger.log_model=false",
-            f"logger.tracking_uri=sqlite:///{store}/mlflow.db",
-            f"logger.artifact_location={store}/artifacts",
-            "logger.experiment_name=benchmark",
-        ]
-    )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     result = train(cfg, ["benchmark"])
-    fit_rate = epochs * train_size(cfg) / result.metrics["time/fit_s"]
+    fit_rate = cfg.trainer.max_epochs * train_size(cfg) / result.metrics["time/fit_s"]
     return result.metrics["train/images_per_s"], fit_rate
 
 
@@ -191,37 +206,26 @@ def main() -> None:
     from cnnstudy.config import compose
     from cnnstudy.data import ImageDataModule
 
-    cfg = compose([])
-    layers = plan(cfg.model, cfg.data)
-    dm = ImageDataModule(cfg.data)
-    splits = dm.prepare()
-    print(
-        f"seed network, digits train split ({len(splits.train)} images, 32x32x1), "
-        f"{args.epochs} epochs, batch {args.batch_size}, channels_last={args.channels_last}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        flush=True,
-    )
-    warm_up(layers, args.batch_size)
-
-    a_runs, b_runs, fit_runs = [], [], []
+    torch.set_flush_denormal(True)  # as cnnstudy's runs do, before any parallel region
     with tempfile.TemporaryDirectory() as store:
+        cfg = compose(run_overrides(Path(store), args.epochs, args.batch_size, args.channels_last))
+        layers = plan(cfg.model, cfg.data)
+        dm = ImageDataModule(cfg.data)
+        splits = dm.prepare()
+        print(
+            f"seed network, digits train split ({len(splits.train)} images, 32x32x1), "
+            f"{args.epochs} epochs, batch {args.batch_size}, "
+            f"channels_last={args.channels_last}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads",
+            flush=True,
+        )
+        warm_up(layers, args.batch_size)
+        a_runs, b_runs, fit_runs = [], [], []
         for _ in range(args.rounds):  # alternate the ways, so drifts in machine speed hit both
-            rate, fit = cnnstudy_path(
-                [], args.epochs, args.batch_size, args.channels_last, Path(store)
-            )
+            rate, fit = cnnstudy_path(cfg)
             b_runs.append(rate)
             fit_runs.append(fit)
-            a_runs.append(
-                plain_loop(
-                    splits,
-                    layers,
-                    dm.mean,
-                    dm.std,
-                    args.epochs,
-                    args.batch_size,
-                    args.channels_last,
-                )
-            )
+            a_runs.append(plain_loop(cfg, splits, layers, dm.mean, dm.std, args.epochs))
     a, b, b_fit = (statistics.median(runs) for runs in (a_runs, b_runs, fit_runs))
     print(f"rounds of (a): {', '.join(f'{r:,.0f}' for r in a_runs)}")
     print(f"rounds of (b): {', '.join(f'{r:,.0f}' for r in b_runs)}")

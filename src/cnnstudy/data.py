@@ -285,7 +285,8 @@ class TensorBatches:
             if augment:
                 x = shift_and_flip(x, self.shift, self.flip, generator)
             x = x.to(self.mean.device, non_blocking=True)
-            x = x.to(torch.float32, memory_format=self.memory_format).sub_(self.mean).div_(self.std)
+            # uint8 - float32 is float32: two passes over the batch, not three
+            x = torch.sub(x, self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
             yield x, labels[start : start + self.batch_size].to(self.mean.device, non_blocking=True)
 
 

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from cnnstudy.architecture import Layer
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+class FlattenHWC(nn.Module):
+    """(N, C, H, W) feature maps to (N, H*W*C) vectors, in height, width, channel order:
+    the order of describe's HxWxC shapes, and of memory in channels_last maps, the layout
+    the convolutions run in. There flattening is a free view, and its gradient keeps the
+    maps' layout; nn.Flatten's channel-first order would copy the maps forward and hand the
+    layers below a gradient in the other layout (a slow mixed-layout backward).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
 
 
 def build_network(layers: list[Layer]) -> nn.Sequential:
@@ -37,7 +50,7 @@ def build_network(layers: list[Layer]) -> nn.Sequential:
         elif layer.kind == "dropout":
             modules[layer.name] = nn.Dropout(layer.dropout)
         elif layer.kind == "flatten":
-            modules[layer.name] = nn.Flatten()
+            modules[layer.name] = FlattenHWC()
         elif layer.kind in ("fc", "output"):
             out_f, in_f = layer.weight_shape
             modules[layer.name] = nn.Linear(in_f, out_f)
