@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the 3-epoch run")
     args = parser.parse_args()
+    if args.accelerator == "cpu":
+        # as cnnstudy's CPU runs do: a CUDA build of torch with no GPU in use would query
+        # NVML at every optimizer step of (a) and (c)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     import torch
 

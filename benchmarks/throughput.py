@@ -199,6 +199,9 @@ def main() -> None:
         "--workers", type=int, default=0, help="DataLoader workers in (c) (default 0)"
     )
     args = parser.parse_args()
+    # as cnnstudy's CPU runs do: a CUDA build of torch with no GPU in use would query NVML
+    # at every optimizer step of (a) and (c)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     import torch
 

@@ -55,6 +55,7 @@ def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path,
     assert (torch.rand(1).item(), random.random(), np.random.rand()) == expected
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory
 
 
 def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
