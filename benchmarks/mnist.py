@@ -9,7 +9,8 @@ Prints, measured in this process (and two child processes for the data load):
   warm (read the cache), each in a fresh process;
 - training images/second, one epoch each, medians over alternating rounds:
   (a) cnnstudy's training step in a plain PyTorch loop over the same in-memory tensors
-      (same batch, memory format, optimizer and schedule),
+      (same batch, memory format, optimizer and schedule), and (a0) the same loop bare,
+      without the schedule and the loss and accuracy sums,
   (b) cnnstudy-train's path (`cnnstudy.train.train`, Lightning and MLflow included),
   (c) torchvision's MNIST dataset + Pad/ToTensor/Normalize transforms + DataLoader;
   with the ratios, and (b)'s training FLOP rate as a share of the matmul peak;
@@ -129,7 +130,9 @@ def main() -> None:
     parser.add_argument(
         "--root", default=str(ROOT_DEFAULT), help=f"data.root (default {ROOT_DEFAULT})"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a), (b)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of (a), (a0), (b)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers in (c)")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
@@ -196,17 +199,22 @@ def main() -> None:
     splits = dm.prepare()
     if device == "cpu":
         warm_up(layers, args.batch_size)
-    a_runs, b_runs, accuracy_1 = [], [], None
+    a_runs, a0_runs, b_runs, accuracy_1 = [], [], [], None
     for _ in range(args.rounds):
         one_epoch = compose([*run, "trainer.max_epochs=1"])
         result = train(one_epoch, ["benchmark"])
         b_runs.append(result.metrics["train/images_per_s"])
         accuracy_1 = result.metrics["test/acc"]
         a_runs.append(plain_loop(one_epoch, splits, layers, dm.mean, dm.std, 1, device))
-        print(f"round: (a) {a_runs[-1]:,.0f}  (b) {b_runs[-1]:,.0f} images/s", flush=True)
+        a0_runs.append(plain_loop(one_epoch, splits, layers, dm.mean, dm.std, 1, device, bare=True))
+        print(
+            f"round: (a) {a_runs[-1]:,.0f}  (a0) {a0_runs[-1]:,.0f}  (b) {b_runs[-1]:,.0f} "
+            "images/s",
+            flush=True,
+        )
     c = tutorial_pipeline(args.root, layers, args.batch_size, args.workers, device, False)
     c2 = tutorial_pipeline(args.root, layers, args.batch_size, args.workers, device, True)
-    a, b = statistics.median(a_runs), statistics.median(b_runs)
+    a, a0, b = (statistics.median(r) for r in (a_runs, a0_runs, b_runs))
     accuracy_3 = None
     if not args.skip_accuracy:
         three = train(compose([*run, "trainer.max_epochs=3"]), ["benchmark"])
@@ -216,6 +224,7 @@ def main() -> None:
     print(f"\n{'way':66s} {'images/s':>10s} {'vs (a)':>7s} {'vs (c)':>7s}")
     for label, rate in (
         ("(a) plain PyTorch loop, in-memory tensors", a),
+        ("(a0) the same, bare: no schedule, no loss/accuracy sums", a0),
         ("(b) cnnstudy-train path", b),
         ("(c) tutorial: torchvision MNIST + transforms + DataLoader", c),
         ("(c') the same DataLoader feeding cnnstudy's network and optimizer", c2),
@@ -231,7 +240,7 @@ def main() -> None:
         f"test accuracy, default settings: after 1 epoch {accuracy_1:.4f}, after 3 epochs {three}"
     )
     print(
-        f"(b)/(a) {b / a:.2f}; (b)/(c) {b / c:.1f}; (b)/(c') {b / c2:.1f}; "
+        f"(b)/(a) {b / a:.2f}; (b)/(a0) {b / a0:.2f}; (b)/(c) {b / c:.1f}; (b)/(c') {b / c2:.1f}; "
         f"FLOP share {achieved / peak:.1%}; warm load {warm:.2f} s"
     )
 
