@@ -8,7 +8,8 @@
 data (once per process), build the network from the shape plan, fit and test
 with Lightning, record everything in one MLflow run, and return the metrics.
 It leaves no global state behind (seeds, RNG state, thread count, determinism
-flags are restored), so a sweep can call it hundreds of times in one process.
+flags are restored), so a sweep can call it hundreds of times in one process;
+the one setting it leaves on, on purpose, is flush-to-zero of denormal floats.
 Heavy imports (torch, Lightning, MLflow) happen only after the config is checked.
 """
 
