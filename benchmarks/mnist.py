@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import plain_loop, timed_epochs, warm_up  # noqa: E402
+from throughput import (  # noqa: E402
+    like_a_run,
+    plain_loop,
+    store_overrides,
+    timed_epochs,
+    warm_up,
+)
 
 ROOT_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -138,10 +144,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the 3-epoch run")
     args = parser.parse_args()
-    if args.accelerator == "cpu":
-        # as cnnstudy's CPU runs do: a CUDA build of torch with no GPU in use would query
-        # NVML at every optimizer step of (a) and (c)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    like_a_run(cpu=args.accelerator == "cpu")
 
     import torch
 
@@ -150,7 +153,6 @@ def main() -> None:
     from cnnstudy.data import ImageDataModule
     from cnnstudy.train import resolve_hardware, train
 
-    torch.set_flush_denormal(True)  # as cnnstudy's runs do, before any parallel region
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="cnnstudy-bench-"))
     data = [
@@ -159,15 +161,7 @@ def main() -> None:
         f"data.batch_size={args.batch_size}",
         f"data.cache_dir={workdir}/cache",
     ]
-    run = [
-        *data,
-        "trainer.progress_bar=false",
-        "logger.log_model=false",
-        f"trainer.accelerator={args.accelerator}",
-        "logger.experiment_name=benchmark",
-        f"logger.tracking_uri=sqlite:///{workdir}/mlflow.db",
-        f"logger.artifact_location={workdir}/artifacts",
-    ]
+    run = [*data, f"trainer.accelerator={args.accelerator}", *store_overrides(workdir)]
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     cfg = compose(run)
     layers = plan(cfg.model, cfg.data)

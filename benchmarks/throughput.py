@@ -86,39 +86,56 @@ def plain_loop(
     make_optimizer, make_scheduler = optimizer_factories(cfg)
     opt = make_optimizer(net.parameters())
     scheduler = make_scheduler(opt, epochs * len(batches)) if make_scheduler else None
+    if bare:
+        scheduler = None
     images, seconds = 0, 0.0
     for _ in range(epochs):
         totals = Totals()
         start = time.perf_counter()
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
-            if bare:
-                F.cross_entropy(net(x), y).backward()
-                opt.step()
-                images += len(y)
-                continue
-            classify(net, (x, y), totals).backward()
+            loss = F.cross_entropy(net(x), y) if bare else classify(net, (x, y), totals)
+            loss.backward()
             opt.step()
             if scheduler is not None:
                 scheduler.step()
+            images += len(y)
         if not bare:
             totals.as_tensor().tolist()  # the epoch's loss and accuracy, read once
-            images += totals.count
         seconds += time.perf_counter() - start
     return images / seconds
 
 
-def run_overrides(store: Path, epochs: int, batch_size: int, channels_last: bool) -> list[str]:
-    """The benchmark's cnnstudy-train settings: a store of its own, no progress bar."""
+def like_a_run(cpu: bool) -> None:
+    """The process settings a cnnstudy run makes, made before (a) and (c) run too.
+
+    Call before torch is imported: with no GPU in use, a CUDA build of torch would query
+    NVML at every optimizer step; denormals flush to zero from the first parallel region.
+    """
+    if cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
+def store_overrides(store: Path) -> list[str]:
+    """cnnstudy-train settings of every benchmark run: a store of its own, no progress bar."""
     return [
-        f"data.batch_size={batch_size}",
-        f"trainer.max_epochs={epochs}",
-        f"trainer.channels_last={channels_last}",
         "trainer.progress_bar=false",
         "logger.log_model=false",
         f"logger.tracking_uri=sqlite:///{store}/mlflow.db",
         f"logger.artifact_location={store}/artifacts",
         "logger.experiment_name=benchmark",
+    ]
+
+
+def run_overrides(store: Path, epochs: int, batch_size: int, channels_last: bool) -> list[str]:
+    return [
+        f"data.batch_size={batch_size}",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.channels_last={channels_last}",
+        *store_overrides(store),
     ]
 
 
@@ -210,9 +227,7 @@ def main() -> None:
         "--workers", type=int, default=0, help="DataLoader workers in (c) (default 0)"
     )
     args = parser.parse_args()
-    # as cnnstudy's CPU runs do: a CUDA build of torch with no GPU in use would query NVML
-    # at every optimizer step of (a) and (c)
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    like_a_run(cpu=True)
 
     import torch
 
@@ -220,7 +235,6 @@ def main() -> None:
     from cnnstudy.config import compose
     from cnnstudy.data import ImageDataModule
 
-    torch.set_flush_denormal(True)  # as cnnstudy's runs do, before any parallel region
     with tempfile.TemporaryDirectory() as store:
         cfg = compose(run_overrides(Path(store), args.epochs, args.batch_size, args.channels_last))
         layers = plan(cfg.model, cfg.data)

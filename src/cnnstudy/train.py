@@ -76,12 +76,6 @@ def _isolated_globals(num_threads: int) -> Iterator[None]:
     import numpy as np
     import torch
 
-    # Flush denormal floats to zero, as TensorFlow and XLA do on CPUs: Adam's squared
-    # gradients of tiny gradients are denormal, and x86 cores take a slow path on each one
-    # (half of fused Adam's time on MNIST from the second epoch). Set before the first
-    # parallel region, so that torch's worker threads, created then, inherit it; left on,
-    # so that every run in the process computes alike.
-    torch.set_flush_denormal(True)
     saved_np = np.random.get_state()
     saved_threads = torch.get_num_threads()
     saved_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -273,6 +267,12 @@ def train(
         from cnnstudy.model import build_network
         from cnnstudy.system import Classifier, Throughput
 
+        # Flush denormal floats to zero, as TensorFlow and XLA do on CPUs: Adam's squared
+        # gradients of tiny gradients are denormal, and x86 cores take a slow path on each
+        # (half of fused Adam's time on MNIST from the second epoch). Set before the first
+        # parallel region, so that torch's worker threads, created then, inherit it; not
+        # restored, so that every run in the process computes alike.
+        torch.set_flush_denormal(True)
         _quiet_lightning()
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
