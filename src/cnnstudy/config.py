@@ -98,6 +98,7 @@ class TrainerConfig:
     limit_test_batches: Any = None
     progress_bar: bool = True
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    cpu_kernels: bool = True  # cnnstudy's vectorized CPU max pool where it builds; same results
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from cnnstudy.config import ConfigError
-from cnnstudy.datafiles import file_identity
+from cnnstudy.datafiles import cache_root, file_identity
 from cnnstudy.sources import SOURCES, Decoded
 
 CACHE_FORMAT = 1
@@ -64,10 +64,7 @@ def cache_folder(data: Any) -> Path:
     """data.cache_dir, else $CNNSTUDY_CACHE, else $XDG_CACHE_HOME/cnnstudy or ~/.cache/cnnstudy."""
     if data.cache_dir:
         return Path(data.cache_dir).expanduser().resolve()
-    if os.environ.get("CNNSTUDY_CACHE"):
-        return Path(os.environ["CNNSTUDY_CACHE"]).expanduser().resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser().resolve() / "cnnstudy"
+    return cache_root()
 
 
 def decode_key(data: Any) -> str:

@@ -14,6 +14,15 @@ from cnnstudy.config import ConfigError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+def cache_root() -> Path:
+    """cnnstudy's own cache folder: $CNNSTUDY_CACHE, else $XDG_CACHE_HOME/cnnstudy or
+    ~/.cache/cnnstudy (decoded data, unless data.cache_dir says otherwise; built kernels)."""
+    if os.environ.get("CNNSTUDY_CACHE"):
+        return Path(os.environ["CNNSTUDY_CACHE"]).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser().resolve() / "cnnstudy"
+
+
 def _images_in(folder: Path) -> Iterator[Path]:
     for root, _, names in os.walk(folder, followlinks=True):
         for name in sorted(names):

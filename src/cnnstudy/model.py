@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cnnstudy.architecture import Layer
+from cnnstudy.kernels import PoolMax2d
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -24,8 +25,11 @@ class FlattenHWC(nn.Module):
         return x.permute(0, 2, 3, 1).flatten(1)
 
 
-def build_network(layers: list[Layer]) -> nn.Sequential:
+def build_network(layers: list[Layer], cpu_kernels: bool = True) -> nn.Sequential:
     """An nn.Sequential whose modules carry the plan's layer names (conv1, pool1, fc1, output).
+
+    Max pools are `PoolMax2d`: nn.MaxPool2d, running cnnstudy's vectorized CPU kernel where
+    it applies unless cpu_kernels=False (kernels.py); the same results either way.
 
     The output layer yields logits; the softmax is part of the loss (cross-entropy).
     Max pooling commutes with every activation offered (all are non-decreasing), so the
@@ -38,13 +42,16 @@ def build_network(layers: list[Layer]) -> nn.Sequential:
             out_c, in_c, f, _ = layer.weight_shape
             modules[layer.name] = nn.Conv2d(in_c, out_c, f, layer.stride, layer.padding)
         elif layer.kind == "pool":
-            pool = nn.MaxPool2d if layer.activation == "max" else nn.AvgPool2d
             deferred = None
             if layer.activation == "max" and isinstance(
                 next(reversed(modules.values()), None), tuple(_ACTIVATIONS.values())
             ):
                 deferred = modules.popitem()
-            modules[layer.name] = pool(layer.receptive_field, layer.stride)
+            if layer.activation == "max":
+                pool = PoolMax2d(layer.receptive_field, layer.stride, cpu_kernel=cpu_kernels)
+            else:
+                pool = nn.AvgPool2d(layer.receptive_field, layer.stride)
+            modules[layer.name] = pool
             if deferred:
                 modules[deferred[0]] = deferred[1]
         elif layer.kind == "dropout":

@@ -210,6 +210,19 @@ def resolve_hardware(cfg: DictConfig) -> Hardware:
     return Hardware(gpu, precision, bool(channels_last))
 
 
+def _cpu_kernels(cfg: DictConfig, hardware: Hardware) -> str:
+    """Which max pool a run uses, for its tags; builds cnnstudy's kernel (once per machine)
+    before the fit, not inside its timing."""
+    if not cfg.trainer.cpu_kernels:
+        return "off"
+    if hardware.gpu:
+        return "unused on GPU"
+    from cnnstudy.kernels import build
+
+    done = build()
+    return "maxpool" if done.library is not None else f"torch's max pool: {done.status}"
+
+
 def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[Any], root_dir: str):
     import lightning as L
 
@@ -286,7 +299,7 @@ def train(
         splits = datamodule.prepare()
         optimizer, scheduler = optimizer_factories(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        network = build_network(layers)
+        network = build_network(layers, cpu_kernels=cfg.trainer.cpu_kernels)
         if hardware.channels_last:
             network = network.to(memory_format=torch.channels_last)
         system = Classifier(network, cfg.data.num_classes, optimizer, scheduler)
@@ -301,6 +314,7 @@ def train(
                 "cnnstudy.torch_threads": str(torch.get_num_threads()),
                 "cnnstudy.precision": hardware.precision,
                 "cnnstudy.channels_last": str(hardware.channels_last).lower(),
+                "cnnstudy.cpu_kernels": _cpu_kernels(cfg, hardware),
                 "cnnstudy.data_fingerprint": splits.fingerprint,
                 "cnnstudy.data_from_cache": str(splits.from_cache).lower(),
             }

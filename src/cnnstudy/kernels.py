@@ -1,0 +1,218 @@
+"""cnnstudy's own CPU kernel: max pooling vectorized across channels, compiled on first use.
+
+torch's channels_last max pool vectorizes over channels and runs a layer with fewer
+channels than vector lanes (the seed network's 10 against AVX-512's 16) one channel at a
+time: on this project's CPU it took a fifth of the seed network's training step. The C
+kernel in csrc/maxpool.c loads each pixel's channels with one masked vector load and gives
+torch's results bit for bit, forward and backward (tests/test_kernels.py).
+
+It is built once per machine with the C compiler (`$CC`, else cc/gcc/clang) and
+`-march=native -fopenmp`, into cnnstudy's cache folder (`$CNNSTUDY_CACHE/kernels`, else
+`~/.cache/cnnstudy/kernels`), keyed by the source, the compiler and the CPU; later
+processes load the built library. Where it cannot be built (no compiler, a CPU without
+AVX-512, not Linux with torch on OpenMP), or for inputs it does not cover (not a float32
+channels_last CPU tensor, padding, dilation, ceil_mode, torch.compile/export tracing),
+`PoolMax2d` is exactly `nn.MaxPool2d`. `trainer.cpu_kernels=false` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from cnnstudy.datafiles import cache_root
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "maxpool.c"
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp")
+MAX_WINDOW = 16  # the argmax's place in its window is stored in a byte: k * k <= 256
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Build:
+    library: ctypes.CDLL | None
+    status: str  # "built" or "loaded" when there is a library, else why there is none
+
+
+_lock = threading.Lock()
+_build: Build | None = None  # one per process, like an import
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def _unsupported_platform() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"not built on {sys.platform} (Linux only)"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"not built on {platform.machine()} (x86-64 with AVX-512 only)"
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return "not built: torch does not run on OpenMP here"
+    return None
+
+
+def _compile(cc: str, target: Path) -> str | None:
+    """Compile SOURCE into target; None on success, else the compiler's last words."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if "error" in line]
+            return (lines or done.stderr.strip().splitlines() or ["failed"])[-1].strip()
+        os.replace(tmp, target)  # atomic: parallel workers may build the same file
+        return None
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> Build:
+    why = _unsupported_platform()
+    if why:
+        return Build(None, why)
+    cc = _compiler()
+    if cc is None:
+        return Build(None, "not built: no C compiler (set CC, or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_identity()]).encode()
+    ).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"maxpool-{key}.so"
+    status = "loaded"
+    if not target.exists():
+        failure = _compile(cc, target)
+        if failure:
+            return Build(None, f"not built: {failure}")
+        status = "built"
+    try:
+        # torch has loaded its libgomp.so.1 already: the library's libgomp.so.1 resolves to
+        # it, so the kernel's OpenMP threads are torch's threads.
+        library = ctypes.CDLL(str(target))
+    except OSError as err:
+        return Build(None, f"not loaded: {err}")
+    for name in ("cnnstudy_maxpool_forward", "cnnstudy_maxpool_backward"):
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
+        function.restype = None
+    return Build(library, status)
+
+
+def build() -> Build:
+    """The kernel library, built or loaded once per process; `status` says which, or why not."""
+    global _build
+    with _lock:
+        if _build is None:
+            _build = _load()
+            if _build.library is None:
+                log.info("cnnstudy CPU max-pool kernel %s; using torch's", _build.status)
+        return _build
+
+
+class _MaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+        library = build().library
+        n, c, h, w = x.shape
+        ho, wo = (h - k) // s + 1, (w - k) // s + 1
+        out = torch.empty((n, c, ho, wo), memory_format=torch.channels_last)
+        where = torch.empty((n, ho, wo, c), dtype=torch.uint8)
+        library.cnnstudy_maxpool_forward(
+            x.data_ptr(), out.data_ptr(), where.data_ptr(), n, h, w, c, k, s
+        )
+        ctx.save_for_backward(where)
+        ctx.geometry = (n, c, h, w, k, s)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (where,) = ctx.saved_tensors
+        n, c, h, w, k, s = ctx.geometry
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_in = torch.empty((n, c, h, w), memory_format=torch.channels_last)
+        build().library.cnnstudy_maxpool_backward(
+            grad.data_ptr(), where.data_ptr(), grad_in.data_ptr(), n, h, w, c, k, s
+        )
+        return grad_in, None, None
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, tuple) and len(set(value)) == 1:
+        return value[0]
+    return None
+
+
+class PoolMax2d(nn.MaxPool2d):
+    """nn.MaxPool2d that runs cnnstudy's CPU kernel where it applies (see the module doc).
+
+    The same module to everything else: its repr, its (empty) state dict, and its results,
+    bit for bit, forward and backward.
+    """
+
+    def __init__(self, *args, cpu_kernel: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        k, s = _as_int(self.kernel_size), _as_int(self.stride)
+        self._window = (
+            (k, s)
+            if cpu_kernel
+            and k is not None
+            and s is not None
+            and k <= MAX_WINDOW
+            and _as_int(self.padding) == 0
+            and _as_int(self.dilation) == 1
+            and not self.ceil_mode
+            and not self.return_indices
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self._window is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and min(x.shape[2:]) >= self._window[0]
+            and x.numel() > 0
+            and not torch.compiler.is_compiling()
+            and build().library is not None
+        ):
+            return _MaxPool.apply(x, *self._window)
+        return super().forward(x)
