@@ -139,12 +139,18 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds of (a), (a0), (b)"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="batch size (default: data=mnist's, 256)"
+    )
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers in (c)")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the 3-epoch run")
     args = parser.parse_args()
     like_a_run(cpu=args.accelerator == "cpu")
+    if args.batch_size is None:
+        from cnnstudy.config import compose
+
+        args.batch_size = compose(["data=mnist"]).data.batch_size
 
     import torch
 

@@ -64,51 +64,119 @@ def test_kernel_gives_torchs_max_pool_forward_and_backward(built, n, c, h, w, k,
     assert ours.grad.is_contiguous(memory_format=CL)
 
 
-def _kernel_runs(monkeypatch, module: torch.nn.Module, x: torch.Tensor) -> bool:
+def _uses(monkeypatch, function, module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether module(x) runs `function` (one of the kernels' autograd functions)."""
     calls = []
-    apply = kernels._MaxPool.apply
-    monkeypatch.setattr(kernels._MaxPool, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or apply(*a))
     module(x)
     monkeypatch.undo()
     return bool(calls)
 
 
-def test_kernel_runs_where_it_applies_and_torch_runs_elsewhere(built, monkeypatch):
+def test_pool_kernel_runs_where_it_applies_and_torch_runs_elsewhere(built, monkeypatch):
     x = _maps(2, 10, 8, 8)
-    assert _kernel_runs(monkeypatch, PoolMax2d(2, 2), x)
-    assert not _kernel_runs(monkeypatch, PoolMax2d(2, 2), x.contiguous())  # NCHW
-    assert not _kernel_runs(monkeypatch, PoolMax2d(2, 2), x.double())
-    assert not _kernel_runs(monkeypatch, PoolMax2d(2, 2, padding=1), x)
-    assert not _kernel_runs(monkeypatch, PoolMax2d(2, 2, ceil_mode=True), x)
-    assert not _kernel_runs(monkeypatch, PoolMax2d((2, 3), 2), x)
-    assert not _kernel_runs(monkeypatch, PoolMax2d(2, 2, cpu_kernel=False), x)
-    # the network cnnstudy builds uses it in channels_last, not with cpu_kernels=False
-    cfg = compose([])
-    layers = plan(cfg.model, cfg.data)
+    pool = kernels._MaxPool
+    assert _uses(monkeypatch, pool, PoolMax2d(2, 2), x)
+    assert not _uses(monkeypatch, pool, PoolMax2d(2, 2), x.contiguous())  # NCHW
+    assert not _uses(monkeypatch, pool, PoolMax2d(2, 2), x.double())
+    assert not _uses(monkeypatch, pool, PoolMax2d(2, 2, padding=1), x)
+    assert not _uses(monkeypatch, pool, PoolMax2d(2, 2, ceil_mode=True), x)
+    assert not _uses(monkeypatch, pool, PoolMax2d((2, 3), 2), x)
+    assert not _uses(monkeypatch, pool, PoolMax2d(2, 2, cpu_kernel=False), x)
+
+
+def _conv_pool(cin, cout, f, bias=True, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, f, bias=bias).to(memory_format=CL)
+    return conv, PoolMax2d(2, 2)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize(
+    ("n", "cin", "cout", "f", "h", "w", "bias"),
+    [
+        (5, 1, 10, 5, 32, 32, True),  # the seed network's first layer
+        (3, 1, 16, 3, 13, 16, True),  # odd conv height: a row no window reaches
+        (3, 3, 20, 5, 14, 17, False),  # RGB, two vectors of filters, odd pooled width
+        (2, 4, 32, 3, 9, 9, True),
+    ],
+)
+def test_fused_conv_and_pool_computes_conv_then_max_pool(built, n, cin, cout, f, h, w, bias, relu):
+    conv, pool = _conv_pool(cin, cout, f, bias)
+    torch.manual_seed(1)
+    x = torch.randn(n, cin, h, w)
+    x[0, :, : h // 2] = -0.4  # a blank area: windows of equal conv outputs, as on MNIST
+    x = x.contiguous(memory_format=CL)
+    fused = kernels.conv_max_pool(conv, pool, x, relu)
+    assert fused is not None and fused.is_contiguous(memory_format=CL)
+    expected = torch.nn.functional.max_pool2d(conv(x), 2, 2)
+    if relu:
+        expected = torch.relu(expected)
+        assert (fused == 0).any()  # some windows were cut off by the ReLU
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    params = [conv.weight, conv.bias] if bias else [conv.weight]
+    grad = torch.randn_like(expected)
+    ours = torch.autograd.grad(fused, params, grad)
+    theirs = torch.autograd.grad(expected, params, grad)
+    for mine, ref in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+    # deterministic: the same sums in the same order every time
+    again = torch.autograd.grad(kernels.conv_max_pool(conv, pool, x, relu), params, grad)
+    assert all(torch.equal(a, b) for a, b in zip(again, ours, strict=True))
+
+
+def test_networks_fuse_a_first_conv_and_pool_only_where_the_kernel_applies(built, monkeypatch):
+    fused, pool = kernels._ConvMaxPool, kernels._MaxPool
+    layers = plan(compose([]).model, compose([]).data)
     image = torch.randn(3, 1, 32, 32).contiguous(memory_format=CL)
-    assert _kernel_runs(monkeypatch, build_network(layers).to(memory_format=CL), image)
+    net = build_network(layers).to(memory_format=CL)
+    assert _uses(monkeypatch, fused, net, image)
+    assert not _uses(monkeypatch, fused, net, image.clone().requires_grad_())
+    assert _uses(monkeypatch, pool, net, image.clone().requires_grad_())
     off = build_network(layers, cpu_kernels=False).to(memory_format=CL)
-    assert not _kernel_runs(monkeypatch, off, image)
+    assert not _uses(monkeypatch, fused, off, image)
+    assert not _uses(monkeypatch, pool, off, image)
+    # a hook on the conv sees the conv's own output: the modules run one by one
+    handle = net.conv1.register_forward_hook(lambda *a: None)
+    assert not _uses(monkeypatch, fused, net, image)
+    handle.remove()
+    # padding: no fusion, but the pool kernel
+    padded = build_network(plan(*_model_data(["model.padding=2"]))).to(memory_format=CL)
+    assert not _uses(monkeypatch, fused, padded, image)
+    assert _uses(monkeypatch, pool, padded, image)
 
 
-def test_training_steps_are_bitwise_equal_with_and_without_the_kernel(built):
-    cfg = compose([])
-    layers = plan(cfg.model, cfg.data)
-    nets = []
-    for cpu_kernels in (True, False):
-        torch.manual_seed(0)
-        net = build_network(layers, cpu_kernels=cpu_kernels).to(memory_format=CL)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            x = torch.randn(16, 1, 32, 32, generator=gen).contiguous(memory_format=CL)
-            y = torch.randint(0, 10, (16,), generator=gen)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-        nets.append(net.state_dict())
-    for name, value in nets[0].items():
-        assert torch.equal(value, nets[1][name]), name
+def _model_data(overrides):
+    cfg = compose(overrides)
+    return cfg.model, cfg.data
+
+
+def _train_steps(overrides, cpu_kernels: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = build_network(plan(*_model_data(overrides)), cpu_kernels).to(memory_format=CL)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(16, 1, 32, 32, generator=gen).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (16,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.state_dict()
+
+
+def test_training_with_the_pool_kernel_is_bitwise_torchs(built):
+    overrides = ["model.padding=2"]  # no fusion: conv by oneDNN, pool by the kernel
+    ours, theirs = _train_steps(overrides, True), _train_steps(overrides, False)
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+
+
+def test_training_with_the_fused_conv_and_pool_follows_torchs(built):
+    ours, theirs = _train_steps([], True), _train_steps([], False)
+    for name, value in ours.items():
+        torch.testing.assert_close(value, theirs[name], rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_compiler_the_build_says_why_and_torch_pools(monkeypatch, tmp_path):

@@ -1,10 +1,15 @@
-"""cnnstudy's own CPU kernel: max pooling vectorized across channels, compiled on first use.
+"""cnnstudy's own CPU kernels, vectorized across channels, compiled on first use.
 
 torch's channels_last max pool vectorizes over channels and runs a layer with fewer
 channels than vector lanes (the seed network's 10 against AVX-512's 16) one channel at a
 time: on this project's CPU it took a fifth of the seed network's training step. The C
-kernel in csrc/maxpool.c loads each pixel's channels with one masked vector load and gives
-torch's results bit for bit, forward and backward (tests/test_kernels.py).
+kernels in csrc/cpu_kernels.c load each pixel's channels with one masked vector load:
+
+- `PoolMax2d`: max pooling with torch's results bit for bit, forward and backward;
+- `conv_max_pool`: a first conv layer (stride 1, no padding, input needing no gradient)
+  fused with the 2x2/2 max pool after it, never storing the conv's full-size output; the
+  same function as conv2d + max_pool2d, its sums taken in another order (float rounding).
+  `Network` (model.py) uses it for such a pair of layers.
 
 It is built once per machine with the C compiler (`$CC`, else cc/gcc/clang) and
 `-march=native -fopenmp`, into cnnstudy's cache folder (`$CNNSTUDY_CACHE/kernels`, else
@@ -12,7 +17,8 @@ It is built once per machine with the C compiler (`$CC`, else cc/gcc/clang) and
 processes load the built library. Where it cannot be built (no compiler, a CPU without
 AVX-512, not Linux with torch on OpenMP), or for inputs it does not cover (not a float32
 channels_last CPU tensor, padding, dilation, ceil_mode, torch.compile/export tracing),
-`PoolMax2d` is exactly `nn.MaxPool2d`. `trainer.cpu_kernels=false` turns it off.
+`PoolMax2d` is exactly `nn.MaxPool2d`, and a conv and pool run as themselves.
+`trainer.cpu_kernels=false` turns both off.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from cnnstudy.datafiles import cache_root
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "maxpool.c"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp")
 MAX_WINDOW = 16  # the argmax's place in its window is stored in a byte: k * k <= 256
 
@@ -112,7 +118,7 @@ def _load() -> Build:
     key = hashlib.sha256(
         "\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_identity()]).encode()
     ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"maxpool-{key}.so"
+    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     status = "loaded"
     if not target.exists():
         failure = _compile(cc, target)
@@ -125,10 +131,15 @@ def _load() -> Build:
         library = ctypes.CDLL(str(target))
     except OSError as err:
         return Build(None, f"not loaded: {err}")
-    for name in ("cnnstudy_maxpool_forward", "cnnstudy_maxpool_backward"):
+    pointers, sizes = ctypes.c_void_p, ctypes.c_long
+    for name, args, result in (
+        ("cnnstudy_maxpool_forward", [pointers] * 3 + [sizes] * 6, None),
+        ("cnnstudy_maxpool_backward", [pointers] * 3 + [sizes] * 6, None),
+        ("cnnstudy_convpool_forward", [pointers] * 5 + [sizes] * 7, None),
+        ("cnnstudy_convpool_backward", [pointers] * 5 + [sizes] * 6, ctypes.c_int),
+    ):
         function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 6
-        function.restype = None
+        function.argtypes, function.restype = args, result
     return Build(library, status)
 
 
@@ -139,7 +150,7 @@ def build() -> Build:
         if _build is None:
             _build = _load()
             if _build.library is None:
-                log.info("cnnstudy CPU max-pool kernel %s; using torch's", _build.status)
+                log.info("cnnstudy's CPU kernels %s; using torch's", _build.status)
         return _build
 
 
@@ -169,6 +180,116 @@ class _MaxPool(torch.autograd.Function):
             grad.data_ptr(), where.data_ptr(), grad_in.data_ptr(), n, h, w, c, k, s
         )
         return grad_in, None, None
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """A real float32 CPU tensor in channels_last, outside torch.compile/export tracing."""
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _ConvMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool):
+        library = build().library
+        n, cin, h, w = x.shape
+        cout, _, f, _ = weight.shape
+        lanes = -cout % 16
+        # weights as (f, f, cin, cout), the order of the input under a filter in NHWC memory
+        packed = torch.nn.functional.pad(weight.detach().permute(2, 3, 1, 0), (0, lanes))
+        shift = (
+            torch.zeros(cout + lanes)
+            if bias is None
+            else torch.nn.functional.pad(bias.detach(), (0, lanes))
+        )
+        packed, shift = packed.contiguous(), shift.contiguous()
+        ho, wo = (h - f + 1) // 2, (w - f + 1) // 2
+        out = torch.empty((n, cout, ho, wo), memory_format=torch.channels_last)
+        where = torch.empty((n, ho, wo, cout), dtype=torch.uint8)
+        library.cnnstudy_convpool_forward(
+            x.data_ptr(),
+            packed.data_ptr(),
+            shift.data_ptr(),
+            out.data_ptr(),
+            where.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            f,
+            cout,
+            int(relu),
+        )
+        ctx.save_for_backward(x, where)
+        ctx.geometry = (n, cin, h, w, f, cout, lanes, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, where = ctx.saved_tensors
+        n, cin, h, w, f, cout, lanes, has_bias = ctx.geometry
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_w = torch.empty((f, f, cin, cout + lanes))
+        grad_b = torch.empty(cout + lanes)
+        failed = build().library.cnnstudy_convpool_backward(
+            x.data_ptr(),
+            grad.data_ptr(),
+            where.data_ptr(),
+            grad_w.data_ptr(),
+            grad_b.data_ptr(),
+            n,
+            h,
+            w,
+            cin,
+            f,
+            cout,
+        )
+        if failed:
+            raise MemoryError("cnnstudy conv + max pool backward: no memory for its sums")
+        grad_w = grad_w[..., :cout].permute(3, 2, 0, 1)
+        return None, grad_w, grad_b[:cout] if has_bias else None, None
+
+
+def conv_max_pool(
+    conv: nn.Conv2d, pool: nn.Module, x: torch.Tensor, relu: bool = False
+) -> torch.Tensor | None:
+    """pool(conv(x)), then torch.relu if `relu`, in one kernel where it applies, else None
+    (run the modules one by one).
+
+    It applies to a CPU-kernel PoolMax2d of 2x2 windows, stride 2, after an nn.Conv2d of
+    stride 1, no padding, no dilation or groups, few input channels (a first layer: 1 to 4),
+    on an input that needs no gradient, with no hooks on either module.
+    """
+    if not (
+        isinstance(pool, PoolMax2d)
+        and pool._window == (2, 2)
+        and type(conv) is nn.Conv2d
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.in_channels <= 4
+        and not (conv._forward_hooks or conv._forward_pre_hooks)
+        and not (pool._forward_hooks or pool._forward_pre_hooks)
+        and not x.requires_grad
+        and _plain(x)
+        and x.shape[1] == conv.in_channels
+        and min(x.shape[2:]) >= conv.kernel_size[0] + 1
+        and conv.weight.dtype == torch.float32
+        and conv.weight.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+        and build().library is not None
+    ):
+        return None
+    return _ConvMaxPool.apply(x, conv.weight, conv.bias, relu)
 
 
 def _as_int(value) -> int | None:
@@ -205,13 +326,10 @@ class PoolMax2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self._window is not None
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
+            and _plain(x)
             and min(x.shape[2:]) >= self._window[0]
             and x.numel() > 0
-            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
             and build().library is not None
         ):
             return _MaxPool.apply(x, *self._window)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cnnstudy.architecture import Layer
-from cnnstudy.kernels import PoolMax2d
+from cnnstudy.kernels import PoolMax2d, conv_max_pool
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -25,11 +25,37 @@ class FlattenHWC(nn.Module):
         return x.permute(0, 2, 3, 1).flatten(1)
 
 
-def build_network(layers: list[Layer], cpu_kernels: bool = True) -> nn.Sequential:
+def _plain_relu(module: nn.Module | None) -> bool:
+    return type(module) is nn.ReLU and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+class Network(nn.Sequential):
+    """nn.Sequential that runs a first conv, the 2x2 max pool after it and the ReLU after
+    that as one CPU kernel where `conv_max_pool` applies (kernels.py); module by module
+    everywhere else. Modules, names and state dict are the Sequential's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            if i + 1 < len(modules) and isinstance(modules[i], nn.Conv2d):
+                relu = _plain_relu(modules[i + 2] if i + 2 < len(modules) else None)
+                fused = conv_max_pool(modules[i], modules[i + 1], x, relu)
+                if fused is not None:
+                    x = fused
+                    i += 3 if relu else 2
+                    continue
+            x = modules[i](x)
+            i += 1
+        return x
+
+
+def build_network(layers: list[Layer], cpu_kernels: bool = True) -> Network:
     """An nn.Sequential whose modules carry the plan's layer names (conv1, pool1, fc1, output).
 
     Max pools are `PoolMax2d`: nn.MaxPool2d, running cnnstudy's vectorized CPU kernel where
-    it applies unless cpu_kernels=False (kernels.py); the same results either way.
+    it applies, and a first conv with the max pool after it runs fused (`Network`), unless
+    cpu_kernels=False (kernels.py).
 
     The output layer yields logits; the softmax is part of the loss (cross-entropy).
     Max pooling commutes with every activation offered (all are non-decreasing), so the
@@ -63,4 +89,4 @@ def build_network(layers: list[Layer], cpu_kernels: bool = True) -> nn.Sequentia
             modules[layer.name] = nn.Linear(in_f, out_f)
         if layer.kind in ("conv", "fc") and layer.activation in _ACTIVATIONS:
             modules[f"{layer.name}_{layer.activation}"] = _ACTIVATIONS[layer.activation]()
-    return nn.Sequential(modules)
+    return Network(modules)
