@@ -72,3 +72,8 @@ def test_real_mnist_trains_and_logs_its_data(tmp_path):
     assert {t.value for t in inputs["mnist-test"].tags} == {"testing"}
     assert run.data.tags["cnnstudy.precision"] == "32-true"
     assert run.data.tags["cnnstudy.channels_last"] == "true"
+    from cnnstudy.kernels import build
+
+    built = build()  # the run's process built the kernels into the same cache, or could not
+    kernels = run.data.tags["cnnstudy.cpu_kernels"]
+    assert kernels == "maxpool" if built.library else kernels.startswith("torch's max pool: ")

@@ -179,6 +179,7 @@ def test_bf16_mixed_precision_trains_through_the_precision_plugin(tmp_path, monk
             "trainer=smoke",
             "trainer.precision=bf16-mixed",
             "trainer.channels_last=false",
+            "trainer.cpu_kernels=false",
             f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
             f"logger.artifact_location={tmp_path}/a",
             "logger.log_model=false",
@@ -188,6 +189,7 @@ def test_bf16_mixed_precision_trains_through_the_precision_plugin(tmp_path, monk
     run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["cnnstudy.precision"] == "bf16-mixed"
     assert run.data.tags["cnnstudy.channels_last"] == "false"
+    assert run.data.tags["cnnstudy.cpu_kernels"] == "off"
     assert math.isfinite(result.metrics["train/loss"])
     assert math.isfinite(result.metrics["test/loss"])
     cfg.trainer.precision = "32-true"
