@@ -158,15 +158,18 @@ void cnnstudy_convpool_forward(const float *restrict x, const float *restrict wt
                                long cout, long relu)
 {
     const long ho = (h - f + 1) / 2, wo = (w - f + 1) / 2, cp = (cout + 15) / 16 * 16;
-    const long span = f * cin, rowlen = w * cin, c2 = 2 * cin, c3 = 3 * cin;
+    const long span = f * cin, rowlen = w * cin;
 #pragma omp parallel for schedule(static)
     for (long row = 0; row < n * ho; row++) {
         const long b = row / ho, oh = row % ho;
         for (long ch = 0; ch < cp; ch += 16) {
             const __mmask16 m = lanes(cout - ch);
             const __m512 bv = _mm512_loadu_ps(bias + ch);
-            long ow = 0;
-            for (; ow + 1 < wo; ow += 2) { /* two pooled pixels: eight independent sums */
+            /* two pooled pixels at a time, eight independent sums; where the row has an odd
+             * number, the last pixel's partner is itself again, and is not stored */
+            for (long ow = 0; ow < wo; ow += 2) {
+                const int pair = ow + 1 < wo;
+                const long c2 = pair ? 2 * cin : 0, c3 = c2 + cin;
                 const float *p0 = x + ((b * h + 2 * oh) * w + 2 * ow) * cin;
                 __m512 a0 = bv, a1 = bv, a2 = bv, a3 = bv, b0 = bv, b1 = bv, b2 = bv, b3 = bv;
                 for (long u = 0; u < f; u++) {
@@ -186,24 +189,8 @@ void cnnstudy_convpool_forward(const float *restrict x, const float *restrict wt
                 }
                 const long o = (row * wo + ow) * cout + ch;
                 pick(a0, a1, a2, a3, out + o, idx + o, m, relu);
-                pick(b0, b1, b2, b3, out + o + cout, idx + o + cout, m, relu);
-            }
-            for (; ow < wo; ow++) {
-                const float *p0 = x + ((b * h + 2 * oh) * w + 2 * ow) * cin;
-                __m512 a0 = bv, a1 = bv, a2 = bv, a3 = bv;
-                for (long u = 0; u < f; u++) {
-                    const float *r0 = p0 + u * rowlen, *r1 = r0 + rowlen;
-                    const float *wu = wt + u * span * cp + ch;
-                    for (long j = 0; j < span; j++) {
-                        const __m512 wv = _mm512_loadu_ps(wu + j * cp);
-                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(r0[j]), wv, a0);
-                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(r0[j + cin]), wv, a1);
-                        a2 = _mm512_fmadd_ps(_mm512_set1_ps(r1[j]), wv, a2);
-                        a3 = _mm512_fmadd_ps(_mm512_set1_ps(r1[j + cin]), wv, a3);
-                    }
-                }
-                const long o = (row * wo + ow) * cout + ch;
-                pick(a0, a1, a2, a3, out + o, idx + o, m, relu);
+                if (pair)
+                    pick(b0, b1, b2, b3, out + o + cout, idx + o + cout, m, relu);
             }
         }
     }
@@ -228,7 +215,6 @@ int cnnstudy_convpool_backward(const float *restrict x, const float *restrict g,
 {
     const long ho = (h - f + 1) / 2, wo = (w - f + 1) / 2, cp = (cout + 15) / 16 * 16;
     const long span = f * cin, rowlen = w * cin, taps = f * span, size = (taps + 1) * cp;
-    const long c2 = 2 * cin, c3 = 3 * cin;
     const int threads = omp_get_max_threads();
     float *partial = aligned_alloc(64, (size_t)(threads * size) * sizeof(float));
     if (partial == NULL)
@@ -244,13 +230,18 @@ int cnnstudy_convpool_backward(const float *restrict x, const float *restrict g,
             __m512 gsum = _mm512_setzero_ps();
             for (long row = lo; row < hi; row++) {
                 const long b = row / ho, oh = row % ho;
-                long ow = 0;
-                for (; ow + 1 < wo; ow += 2) {
+                /* two pooled pixels at a time, as in the forward pass; an odd last pixel's
+                 * partner is itself again, with a zero gradient */
+                for (long ow = 0; ow < wo; ow += 2) {
+                    const int pair = ow + 1 < wo;
+                    const long c2 = pair ? 2 * cin : 0, c3 = c2 + cin;
                     const float *p0 = x + ((b * h + 2 * oh) * w + 2 * ow) * cin;
                     const long o = (row * wo + ow) * cout + ch;
-                    __m512 ga[4], gb2[4]; /* the two pixels' gradients, by window place */
+                    __m512 ga[4], gb2[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(),
+                                            _mm512_setzero_ps(), _mm512_setzero_ps()};
                     phases(g + o, idx + o, m, ga, &gsum);
-                    phases(g + o + cout, idx + o + cout, m, gb2, &gsum);
+                    if (pair)
+                        phases(g + o + cout, idx + o + cout, m, gb2, &gsum);
                     for (long u = 0; u < f; u++) {
                         const float *r0 = p0 + u * rowlen, *r1 = r0 + rowlen;
                         float *au = acc + u * span * cp + ch;
@@ -265,24 +256,6 @@ int cnnstudy_convpool_backward(const float *restrict x, const float *restrict g,
                             s1 = _mm512_fmadd_ps(_mm512_set1_ps(r1[j + c3]), gb2[3], s1);
                             s0 = _mm512_fmadd_ps(_mm512_set1_ps(r1[j + cin]), ga[3], s0);
                             _mm512_store_ps(au + j * cp, _mm512_add_ps(s0, s1));
-                        }
-                    }
-                }
-                for (; ow < wo; ow++) {
-                    const float *p0 = x + ((b * h + 2 * oh) * w + 2 * ow) * cin;
-                    const long o = (row * wo + ow) * cout + ch;
-                    __m512 ga[4];
-                    phases(g + o, idx + o, m, ga, &gsum);
-                    for (long u = 0; u < f; u++) {
-                        const float *r0 = p0 + u * rowlen, *r1 = r0 + rowlen;
-                        float *au = acc + u * span * cp + ch;
-                        for (long j = 0; j < span; j++) {
-                            __m512 s0 = _mm512_load_ps(au + j * cp);
-                            s0 = _mm512_fmadd_ps(_mm512_set1_ps(r0[j]), ga[0], s0);
-                            s0 = _mm512_fmadd_ps(_mm512_set1_ps(r0[j + cin]), ga[1], s0);
-                            s0 = _mm512_fmadd_ps(_mm512_set1_ps(r1[j]), ga[2], s0);
-                            s0 = _mm512_fmadd_ps(_mm512_set1_ps(r1[j + cin]), ga[3], s0);
-                            _mm512_store_ps(au + j * cp, s0);
                         }
                     }
                 }
