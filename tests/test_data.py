@@ -283,3 +283,19 @@ def test_training_on_a_folder_lists_the_skipped_files_in_the_run(tmp_path):
     assert run.data.metrics["model/params"] == (
         10 * (5 * 5 * 3 + 1) + (14 * 14 * 10 + 1) * 200 + 201 * 3
     )
+
+
+def test_training_statistics_are_counted_once_per_loaded_data(tmp_path, monkeypatch):
+    from cnnstudy import data
+    from cnnstudy.data import ImageDataModule
+
+    write_idx(tmp_path)
+    cfg = data_cfg("data=mnist", f"data.root={tmp_path}", f"data.cache_dir={tmp_path}/c")
+    first = ImageDataModule(cfg)
+    first.prepare()
+    monkeypatch.setattr(data, "channel_stats", lambda images: pytest.fail("counted again"))
+    second = ImageDataModule(cfg)  # the next run in this process, on the same data
+    second.prepare()
+    assert (second.mean, second.std) == (first.mean, first.std)
+    second.mean[0] = -1.0  # each run's own lists: changing one leaves the memo alone
+    assert ImageDataModule(cfg).prepare().train_stats()[0] == first.mean

@@ -52,9 +52,18 @@ class Splits:
     skipped: list[str] = field(default_factory=list)
     from_cache: bool = False
     load_seconds: float = 0.0
+    _train_stats: tuple[list[float], list[float]] | None = None
 
     def items(self) -> list[tuple[str, Split]]:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+    def train_stats(self) -> tuple[list[float], list[float]]:
+        """`channel_stats` of the training split, computed once per loaded splits: the next
+        run in this process on the same data does not count its pixels again."""
+        if self._train_stats is None:
+            self._train_stats = channel_stats(self.train.images)
+        means, stds = self._train_stats
+        return list(means), list(stds)
 
 
 # ---------------------------------------------------------------------------- cache
@@ -314,7 +323,7 @@ class ImageDataModule(L.LightningDataModule):
             if self.cfg.mean and self.cfg.std:
                 self.mean, self.std = list(self.cfg.mean), list(self.cfg.std)
             else:
-                self.mean, self.std = channel_stats(self.splits.train.images)
+                self.mean, self.std = self.splits.train_stats()
                 self.std = [s if s > 0 else 1.0 for s in self.std]
         return self.splits
 
