@@ -215,7 +215,8 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     values = torch.arange(256, dtype=torch.float64)
     means, stds = [], []
     for c in range(images.shape[1]):
-        counts = torch.bincount(images[:, c].reshape(-1).to(torch.int64), minlength=256).double()
+        # bincount takes the uint8 values as they are: no int64 copy of the dataset
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
         n = counts.sum()
         mean = (counts * values).sum() / n
         var = (counts * (values - mean) ** 2).sum() / max(n - 1, 1)
