@@ -201,3 +201,14 @@ def test_a_failed_compile_reports_the_compilers_error_and_leaves_no_file(monkeyp
     assert done.library is None
     assert "this kernel does not build" in done.status
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+
+
+def test_a_cache_folder_that_cannot_be_written_leaves_torchs_kernels(monkeypatch, tmp_path):
+    if kernels._unsupported_platform() or kernels._compiler() is None:
+        pytest.skip("no C compiler on a supported platform here")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("CNNSTUDY_CACHE", str(blocker))
+    done = kernels._load()
+    assert done.library is None
+    assert done.status.startswith("not built: ") and "not-a-folder" in done.status

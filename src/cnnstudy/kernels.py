@@ -87,11 +87,13 @@ def _unsupported_platform() -> str | None:
 
 
 def _compile(cc: str, target: Path) -> str | None:
-    """Compile SOURCE into target; None on success, else the compiler's last words."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    """Compile SOURCE into target; None on success, else why not (the compiler's last
+    error line, or the file system's complaint)."""
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
         done = subprocess.run(
             [cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
         )
@@ -103,7 +105,7 @@ def _compile(cc: str, target: Path) -> str | None:
     except (OSError, subprocess.SubprocessError) as err:
         return str(err)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -114,7 +116,10 @@ def _load() -> Build:
     cc = _compiler()
     if cc is None:
         return Build(None, "not built: no C compiler (set CC, or install gcc)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError as err:
+        return Build(None, f"not built: {cc}: {err}")
     key = hashlib.sha256(
         "\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_identity()]).encode()
     ).hexdigest()[:16]
