@@ -147,10 +147,6 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the 3-epoch run")
     args = parser.parse_args()
     like_a_run(cpu=args.accelerator == "cpu")
-    if args.batch_size is None:
-        from cnnstudy.config import compose
-
-        args.batch_size = compose(["data=mnist"]).data.batch_size
 
     import torch
 
@@ -160,6 +156,8 @@ def main() -> None:
     from cnnstudy.train import resolve_hardware, train
 
     device = "cuda" if args.accelerator == "gpu" else "cpu"
+    if args.batch_size is None:
+        args.batch_size = compose(["data=mnist"]).data.batch_size
     workdir = Path(tempfile.mkdtemp(prefix="cnnstudy-bench-"))
     data = [
         "data=mnist",

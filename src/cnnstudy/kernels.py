@@ -61,8 +61,9 @@ _build: Build | None = None  # one per process, like an import
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -187,8 +188,9 @@ class _MaxPool(torch.autograd.Function):
         return grad_in, None, None
 
 
-def _plain(x: torch.Tensor) -> bool:
-    """A real float32 CPU tensor in channels_last, outside torch.compile/export tracing."""
+def _kernel_input(x: torch.Tensor) -> bool:
+    """Whether a kernel can take x: a real float32 CPU tensor in channels_last, outside
+    torch.compile/export tracing and CPU autocast, with the kernels built."""
     return (
         type(x) is torch.Tensor
         and x.device.type == "cpu"
@@ -196,6 +198,8 @@ def _plain(x: torch.Tensor) -> bool:
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and build().library is not None
     )
 
 
@@ -285,13 +289,11 @@ def conv_max_pool(
         and not (conv._forward_hooks or conv._forward_pre_hooks)
         and not (pool._forward_hooks or pool._forward_pre_hooks)
         and not x.requires_grad
-        and _plain(x)
         and x.shape[1] == conv.in_channels
         and min(x.shape[2:]) >= conv.kernel_size[0] + 1
         and conv.weight.dtype == torch.float32
         and conv.weight.device.type == "cpu"
-        and not torch.is_autocast_enabled("cpu")
-        and build().library is not None
+        and _kernel_input(x)
     ):
         return None
     return _ConvMaxPool.apply(x, conv.weight, conv.bias, relu)
@@ -331,11 +333,10 @@ class PoolMax2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self._window is not None
-            and _plain(x)
+            and x.dim() == 4
             and min(x.shape[2:]) >= self._window[0]
             and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu")
-            and build().library is not None
+            and _kernel_input(x)
         ):
             return _MaxPool.apply(x, *self._window)
         return super().forward(x)

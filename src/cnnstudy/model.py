@@ -69,12 +69,10 @@ def build_network(layers: list[Layer], cpu_kernels: bool = True) -> Network:
             modules[layer.name] = nn.Conv2d(in_c, out_c, f, layer.stride, layer.padding)
         elif layer.kind == "pool":
             deferred = None
-            if layer.activation == "max" and isinstance(
-                next(reversed(modules.values()), None), tuple(_ACTIVATIONS.values())
-            ):
-                deferred = modules.popitem()
             if layer.activation == "max":
                 pool = PoolMax2d(layer.receptive_field, layer.stride, cpu_kernel=cpu_kernels)
+                if isinstance(next(reversed(modules.values()), None), tuple(_ACTIVATIONS.values())):
+                    deferred = modules.popitem()  # the conv's activation, moved after the pool
             else:
                 pool = nn.AvgPool2d(layer.receptive_field, layer.stride)
             modules[layer.name] = pool
