@@ -72,7 +72,7 @@ def training_flops_per_image(layers) -> float:
 def load_time(overrides: list[str]) -> tuple[float, bool]:
     """Seconds for load_splits in a fresh process, and whether it came from the cache."""
     code = (
-        "import time\nfrom cnnstudy.config import compose\nfrom cnnstudy.data import load_splits\n"
+        "import time\nfrom cnnstudy.config.compose import compose\nfrom cnnstudy.data.splits import load_splits\n"
         f"cfg = compose({overrides!r})\n"
         "start = time.perf_counter()\ns = load_splits(cfg.data)\n"
         "print(time.perf_counter() - start, s.from_cache)\n"
@@ -95,7 +95,7 @@ def tutorial_pipeline(
     from torch import nn
     from torchvision import datasets, transforms
 
-    from cnnstudy.model import build_network
+    from cnnstudy.network.modules import build_network
 
     tf = transforms.Compose(
         [
@@ -150,10 +150,10 @@ def main() -> None:
 
     import torch
 
-    from cnnstudy.architecture import plan
-    from cnnstudy.config import compose
-    from cnnstudy.data import ImageDataModule
-    from cnnstudy.train import resolve_hardware, train
+    from cnnstudy.network.plan import plan
+    from cnnstudy.config.compose import compose
+    from cnnstudy.data.batches import ImageDataModule
+    from cnnstudy.run.train import resolve_hardware, train
 
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     if args.batch_size is None:

@@ -63,10 +63,11 @@ def plain_loop(
     import torch
     from torch.nn import functional as F
 
-    from cnnstudy.data import Split, TensorBatches
-    from cnnstudy.model import build_network
-    from cnnstudy.system import Totals, classify
-    from cnnstudy.train import optimizer_factories, resolve_hardware
+    from cnnstudy.data.batches import TensorBatches
+    from cnnstudy.data.splits import Split
+    from cnnstudy.network.modules import build_network
+    from cnnstudy.run.classifier import Totals, classify
+    from cnnstudy.run.train import optimizer_factories, resolve_hardware
 
     channels_last = resolve_hardware(cfg).channels_last
     torch.manual_seed(cfg.seed)
@@ -141,7 +142,7 @@ def run_overrides(store: Path, epochs: int, batch_size: int, channels_last: bool
 
 def cnnstudy_path(cfg) -> tuple[float, float]:
     """(b): images/s of the training batches, and of the whole fit (validation included)."""
-    from cnnstudy.train import train
+    from cnnstudy.run.train import train
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     result = train(cfg, ["benchmark"])
@@ -150,7 +151,7 @@ def cnnstudy_path(cfg) -> tuple[float, float]:
 
 
 def train_size(cfg) -> int:
-    from cnnstudy.data import load_splits
+    from cnnstudy.data.splits import load_splits
 
     return len(load_splits(cfg.data).train)
 
@@ -163,7 +164,7 @@ def tutorial_pipeline(
     from PIL import Image
     from torchvision import datasets, transforms
 
-    from cnnstudy.model import build_network
+    from cnnstudy.network.modules import build_network
 
     with tempfile.TemporaryDirectory() as tmp:
         for i, (img, label) in enumerate(
@@ -199,7 +200,7 @@ def warm_up(layers, batch_size: int) -> None:
     import torch
     from torch.nn import functional as F
 
-    from cnnstudy.model import build_network
+    from cnnstudy.network.modules import build_network
 
     net = build_network(layers)
     for _ in range(5):
@@ -231,9 +232,9 @@ def main() -> None:
 
     import torch
 
-    from cnnstudy.architecture import plan
-    from cnnstudy.config import compose
-    from cnnstudy.data import ImageDataModule
+    from cnnstudy.network.plan import plan
+    from cnnstudy.config.compose import compose
+    from cnnstudy.data.batches import ImageDataModule
 
     with tempfile.TemporaryDirectory() as store:
         cfg = compose(run_overrides(Path(store), args.epochs, args.batch_size, args.channels_last))

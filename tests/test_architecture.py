@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cnnstudy.architecture import plan, totals
-from cnnstudy.config import compose
+from cnnstudy.network.plan import plan, totals
+from cnnstudy.config.compose import compose
 
 from .conftest import run_cli
 
@@ -72,7 +72,7 @@ def test_receptive_field_on_the_input_grows_with_depth():
 def test_built_network_matches_the_plan_layer_by_layer():
     import torch
 
-    from cnnstudy.model import build_network
+    from cnnstudy.network.modules import build_network
 
     overrides = (
         "model.stages=2",

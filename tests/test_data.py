@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
-from cnnstudy.config import ConfigError, compose
-from cnnstudy.data import channel_stats, decode_key, load_splits, shift_and_flip
-from cnnstudy.sources import fit
+from cnnstudy.config.compose import compose
+from cnnstudy.errors import ConfigError
+from cnnstudy.data.batches import shift_and_flip
+from cnnstudy.data.splits import channel_stats, decode_key, load_splits
+from cnnstudy.data.sources import fit
 
 from .conftest import run_cli, train_cli
 from .datamaker import write_folder, write_idx
@@ -189,15 +191,17 @@ def test_decoded_data_is_cached_outside_the_data_root(tmp_path):
     cache = tmp_path / "cache"
     args = ("data=mnist", f"data.root={tmp_path}/root", f"data.cache_dir={cache}")
     code = (
-        "from cnnstudy.config import compose\nfrom cnnstudy.data import load_splits\n"
+        "from cnnstudy.config.compose import compose\nfrom cnnstudy.data.splits import load_splits\n"
         f"s = load_splits(compose({list(args)!r}).data)\n"
-        "print('FROM_CACHE', s.from_cache, s.fingerprint)\n"
+        "again = load_splits(compose({list(args)!r}).data)\n"
+        "print('FROM', s.loaded_from, again.loaded_from, s.fingerprint)\n"
     )
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    _, cached1, fp1 = first.stdout.split()
-    _, cached2, fp2 = second.stdout.split()
-    assert (cached1, cached2) == ("False", "True")
+    _, cached1, memory1, fp1 = first.stdout.split()
+    _, cached2, memory2, fp2 = second.stdout.split()
+    assert (cached1, cached2) == ("decoded", "cache")
+    assert memory1 == memory2 == "memory"  # the second call in a process: its own source
     assert fp1 == fp2
     assert len(list(cache.glob("mnist-*.pt"))) == 1
     assert not list((tmp_path / "root").rglob("*.pt"))
@@ -231,7 +235,7 @@ def test_flip_mirrors_about_half_the_images():
 
 
 def test_hardware_follows_the_device_on_cpu():
-    from cnnstudy.train import resolve_hardware
+    from cnnstudy.run.train import resolve_hardware
 
     assert resolve_hardware(compose(["trainer.accelerator=cpu"])).precision == "32-true"
     assert resolve_hardware(compose([])).channels_last is True
@@ -243,7 +247,7 @@ def test_hardware_follows_the_device_on_cpu():
 
 
 def test_val_and_test_batches_use_the_training_statistics(tmp_path):
-    from cnnstudy.data import ImageDataModule
+    from cnnstudy.data.batches import ImageDataModule
 
     write_idx(tmp_path)
     dm = ImageDataModule(
@@ -286,8 +290,8 @@ def test_training_on_a_folder_lists_the_skipped_files_in_the_run(tmp_path):
 
 
 def test_training_statistics_are_counted_once_per_loaded_data(tmp_path, monkeypatch):
-    from cnnstudy import data
-    from cnnstudy.data import ImageDataModule
+    from cnnstudy.data import splits as data
+    from cnnstudy.data.batches import ImageDataModule
 
     write_idx(tmp_path)
     cfg = data_cfg("data=mnist", f"data.root={tmp_path}", f"data.cache_dir={tmp_path}/c")

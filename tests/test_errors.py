@@ -73,9 +73,9 @@ def test_a_typo_in_a_config_file_names_the_key(tmp_path):
 @pytest.mark.parametrize(
     ("module", "argv"),
     [
-        ("cnnstudy.train", ["model.stride=0"]),
-        ("cnnstudy.describe", ["model.stride=0"]),
-        ("cnnstudy.describe", []),
+        ("cnnstudy.run.train", ["model.stride=0"]),
+        ("cnnstudy.network.describe", ["model.stride=0"]),
+        ("cnnstudy.network.describe", []),
     ],
 )
 def test_checking_a_config_imports_no_heavy_library(module, argv):

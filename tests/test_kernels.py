@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnstudy import kernels
-from cnnstudy.architecture import plan
-from cnnstudy.config import compose
-from cnnstudy.kernels import PoolMax2d
-from cnnstudy.model import build_network
+from cnnstudy.network import cpu_kernels as kernels
+from cnnstudy.network.plan import plan
+from cnnstudy.config.compose import compose
+from cnnstudy.network.cpu_kernels import PoolMax2d
+from cnnstudy.network.modules import build_network
 
 CL = torch.channels_last
 
@@ -190,7 +190,7 @@ def test_without_a_compiler_the_build_says_why_and_torch_pools(monkeypatch, tmp_
     assert "no C compiler" in done.status
 
 
-def test_a_failed_compile_reports_the_compilers_error_and_leaves_no_file(monkeypatch, tmp_path):
+def test_a_failed_compile_is_reported_and_remembered_not_retried(monkeypatch, tmp_path):
     if kernels._unsupported_platform() or kernels._compiler() is None:
         pytest.skip("no C compiler on a supported platform here")
     broken = tmp_path / "maxpool.c"
@@ -200,7 +200,13 @@ def test_a_failed_compile_reports_the_compilers_error_and_leaves_no_file(monkeyp
     done = kernels._load()
     assert done.library is None
     assert "this kernel does not build" in done.status
-    assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+    (remembered,) = (tmp_path / "cache" / "kernels").iterdir()  # no library, no temp file
+    assert remembered.suffix == ".failed"
+    compiled = []
+    monkeypatch.setattr(kernels, "_compile", lambda *a: compiled.append(a) or "again")
+    again = kernels._load()  # the next process: the same key, not compiled again
+    assert again.library is None and not compiled
+    assert "this kernel does not build" in again.status and "remembered" in again.status
 
 
 def test_a_cache_folder_that_cannot_be_written_leaves_torchs_kernels(monkeypatch, tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnstudy.config import compose
-from cnnstudy.data import load_splits
+from cnnstudy.config.compose import compose
+from cnnstudy.data.splits import load_splits
 
 from .conftest import train_cli
 
@@ -72,7 +72,7 @@ def test_real_mnist_trains_and_logs_its_data(tmp_path):
     assert {t.value for t in inputs["mnist-test"].tags} == {"testing"}
     assert run.data.tags["cnnstudy.precision"] == "32-true"
     assert run.data.tags["cnnstudy.channels_last"] == "true"
-    from cnnstudy.kernels import build
+    from cnnstudy.network.cpu_kernels import build
 
     built = build()  # the run's process built the kernels into the same cache, or could not
     kernels = run.data.tags["cnnstudy.cpu_kernels"]

@@ -12,7 +12,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from cnnstudy.config import compose
+from cnnstudy.config.compose import compose
 
 from .conftest import BIN, run_cli, train_cli
 
@@ -23,7 +23,7 @@ def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path,
     import numpy as np
     import torch
 
-    from cnnstudy.train import is_timing, train
+    from cnnstudy.run.train import is_timing, train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose(
@@ -171,7 +171,7 @@ def test_bf16_mixed_precision_trains_through_the_precision_plugin(tmp_path, monk
     manual_backward, optimizer step); here on the CPU, where bf16 autocast exists too."""
     import math
 
-    from cnnstudy.train import train
+    from cnnstudy.run.train import train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose(

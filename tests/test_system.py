@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cnnstudy.architecture import plan
-from cnnstudy.config import compose
-from cnnstudy.model import FlattenHWC, build_network
-from cnnstudy.system import Classifier, Totals, classify
+from cnnstudy.network.plan import plan
+from cnnstudy.config.compose import compose
+from cnnstudy.network.modules import FlattenHWC, build_network
+from cnnstudy.run.classifier import Classifier, Totals, classify
 
 
 def test_flatten_reads_height_width_channel_and_is_a_view_of_channels_last_maps():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cnnstudy.tracking import flatten, override_secret, redact, redact_text
+from cnnstudy.redact import override_secret, redact, redact_text
+from cnnstudy.run.tracking import flatten
 
 
 def test_password_in_a_url_is_redacted():

@@ -83,9 +83,9 @@ def test_run_holds_the_trained_model(trained):
     import numpy as np
     import torch
 
-    from cnnstudy.architecture import plan
-    from cnnstudy.config import compose
-    from cnnstudy.model import build_network
+    from cnnstudy.network.plan import plan
+    from cnnstudy.config.compose import compose
+    from cnnstudy.network.modules import build_network
 
     run = trained["run"]
     (logged,) = mlflow.search_logged_models(

@@ -14,7 +14,9 @@ kernels in csrc/cpu_kernels.c load each pixel's channels with one masked vector 
 It is built once per machine with the C compiler (`$CC`, else cc/gcc/clang) and
 `-march=native -fopenmp`, into cnnstudy's cache folder (`$CNNSTUDY_CACHE/kernels`, else
 `~/.cache/cnnstudy/kernels`), keyed by the source, the compiler and the CPU; later
-processes load the built library. Where it cannot be built (no compiler, a CPU without
+processes load the built library, unless it or its folder could have been written by
+another user. A failed build is remembered for its key (a `.failed` file beside it) and
+not tried again in every new process. Where it cannot be built (no compiler, a CPU without
 AVX-512, not Linux with torch on OpenMP), or for inputs it does not cover (not a float32
 channels_last CPU tensor, padding, dilation, ceil_mode, torch.compile/export tracing),
 `PoolMax2d` is exactly `nn.MaxPool2d`, and a conv and pool run as themselves.
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cnnstudy.datafiles import cache_root
+from cnnstudy.cache import cache_root, untrusted
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp")
@@ -92,7 +94,6 @@ def _compile(cc: str, target: Path) -> str | None:
     error line, or the file system's complaint)."""
     tmp = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         done = subprocess.run(
@@ -101,6 +102,7 @@ def _compile(cc: str, target: Path) -> str | None:
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if "error" in line]
             return (lines or done.stderr.strip().splitlines() or ["failed"])[-1].strip()
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600; no group or other write either way
         os.replace(tmp, target)  # atomic: parallel workers may build the same file
         return None
     except (OSError, subprocess.SubprocessError) as err:
@@ -124,13 +126,32 @@ def _load() -> Build:
     key = hashlib.sha256(
         "\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_identity()]).encode()
     ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
+    folder = cache_root() / "kernels"
+    target = folder / f"cpu_kernels-{key}.so"
+    failed = target.with_suffix(".failed")  # a failed build, remembered for this key
     status = "loaded"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        return Build(None, f"not built: {err}")
+    why = untrusted(folder)
+    if why:
+        return Build(None, f"not loaded: {why}")
+    if failed.exists() and not untrusted(failed) and not target.exists():
+        reason = failed.read_text().strip()
+        return Build(None, f"not built: {reason} (remembered: delete {failed} to try again)")
     if not target.exists():
         failure = _compile(cc, target)
         if failure:
+            try:
+                failed.write_text(failure + "\n")
+            except OSError:
+                pass
             return Build(None, f"not built: {failure}")
         status = "built"
+    why = untrusted(target)
+    if why:
+        return Build(None, f"not loaded: {why}")
     try:
         # torch has loaded its libgomp.so.1 already: the library's libgomp.so.1 resolves to
         # it, so the kernel's OpenMP threads are torch's threads.

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnstudy.cli import user_errors_exit
-from cnnstudy.config import ConfigError, TrainConfig
+from cnnstudy.config.schema import TrainConfig
+from cnnstudy.errors import ConfigError, user_errors_exit
 
 
 @dataclass
@@ -59,16 +59,28 @@ def stored_config(client, run_id: str) -> DictConfig:
         raise ConfigError(f"run {run_id} has no readable config.yaml artifact: {err}") from None
     stored = OmegaConf.create(text)
     try:
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
     except Exception as err:  # noqa: BLE001 -- OmegaConf raises several kinds; all mean the same
         raise ConfigError(
             f"run {run_id}: its config.yaml no longer fits the schema: {err}"
         ) from None
+    # Runs logged before one form per size (cnnstudy 0.1): an empty list meant "not given",
+    # and a given list won over the scalar keys, which were stored beside it.
+    for explicit, scalars in (
+        ("filters_per_stage", ("filters", "filter_growth")),
+        ("hidden_units_per_layer", ("hidden_units", "hidden_growth")),
+    ):
+        if cfg.model[explicit] is not None and len(cfg.model[explicit]) == 0:
+            cfg.model[explicit] = None
+        elif cfg.model[explicit] is not None:
+            for key in scalars:
+                cfg.model[key] = None
+    return cfg
 
 
 def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
     """Every metric of the stored run, its latest value and its whole history, against the new."""
-    from cnnstudy.train import is_timing
+    from cnnstudy.run.train import is_timing
 
     def history(run_id: str, name: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
@@ -115,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow store holding the run (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        help="MLflow store holding the run, where the new run is logged too "
+        "(default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     parser.add_argument(
         "--tolerance",
@@ -127,12 +140,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from cnnstudy.run import store
+
+    # the store named here is the one read from and written to, MLFLOW_TRACKING_URI or not
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    store.check_store(uri, create=False)  # reading creates no store
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cnnstudy.train import summary, train
+    from cnnstudy.config.check import check
+    from cnnstudy.data.files import check_files
+    from cnnstudy.data.splits import load_splits
+    from cnnstudy.run.train import summary, train
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     try:
@@ -146,14 +167,31 @@ def main(argv: list[str] | None = None) -> None:
     cfg.logger.run_name = f"reproduce {run.info.run_name}"
     if args.no_progress:
         cfg.trainer.progress_bar = False
+    threads = run.data.tags.get("cnnstudy.torch_threads", "")
+    if threads.isdigit():
+        # the fused conv kernel sums its weight gradient per thread: the same count, the
+        # same sums (the stored config may say 0, torch's default on that machine)
+        cfg.trainer.num_threads = int(threads)
     overrides = run.data.tags.get("cnnstudy.overrides", "").split()
     torch_then = run.data.tags.get("cnnstudy.version.torch")
+
+    data_then = run.data.tags.get("cnnstudy.data_fingerprint")
+    if data_then:  # the data first: a different dataset is not worth training on
+        check(cfg)
+        check_files(cfg.data)
+        data_now = load_splits(cfg.data).fingerprint
+        if data_now != data_then:
+            print(f"data: DIFFERENT (fingerprint {data_then} then, {data_now} now)")
+            print("MISMATCH in the data fingerprint: not trained again")
+            sys.exit(1)
+        print(f"data: same (fingerprint {data_now})")
 
     result = train(
         cfg,
         overrides,
         entry_point="cnnstudy-reproduce",
         extra_tags={"cnnstudy.reproduces": args.run_id},
+        tracking_uri=uri,
     )
 
     rows = compare(client, args.run_id, result.run_id)
@@ -164,13 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     if torch_then and torch_then != metadata.version("torch"):
         print(f"note: the run used torch {torch_then}, this one {metadata.version('torch')}")
     failed = [row.metric for row in rows if not row.matches(args.tolerance)]
-    data_then = run.data.tags.get("cnnstudy.data_fingerprint")
-    data_now = client.get_run(result.run_id).data.tags.get("cnnstudy.data_fingerprint")
-    if data_then and data_then != data_now:
-        print(f"data: DIFFERENT (fingerprint {data_then} then, {data_now} now)")
-        failed.append("data fingerprint")
-    elif data_then:
-        print(f"data: same (fingerprint {data_now})")
     if failed:
         print(f"MISMATCH in {len(failed)} metric(s): {', '.join(failed)}")
         sys.exit(1)

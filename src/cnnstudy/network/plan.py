@@ -11,10 +11,11 @@ Shapes are (channels, height, width) for feature maps and (units,) for flat laye
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cnnstudy.config import ConfigError
+from cnnstudy.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,25 @@ class Layer:
         return row
 
 
+def grown(first: int, growth: float, n: int) -> list[int]:
+    """`first`, then x `growth` per step, n counts: each rounded to the nearest whole number,
+    halves up (10 with growth 0.5 over three stages: 10, 5, 3; Python's round() would give
+    10, 5, 2), and at least 1. A millionth of slack absorbs float error (120 x 0.7 = 83.99...)."""
+    return [max(1, math.floor(first * growth**i + 0.5 + 1e-6)) for i in range(n)]
+
+
 def stage_filters(model: Any) -> list[int]:
-    if model.filters_per_stage:
+    """Filters per conv stage: the explicit list, or `filters` grown by `filter_growth`."""
+    if model.filters_per_stage is not None:
         return [int(n) for n in model.filters_per_stage]
-    return [max(1, round(model.filters * model.filter_growth**i)) for i in range(model.stages)]
+    return grown(model.filters, model.filter_growth, model.stages)
 
 
 def hidden_sizes(model: Any) -> list[int]:
-    if model.hidden_units_per_layer:
+    """Units per hidden layer: the explicit list, or `hidden_units` grown by `hidden_growth`."""
+    if model.hidden_units_per_layer is not None:
         return [int(n) for n in model.hidden_units_per_layer]
-    return [int(model.hidden_units)] * model.hidden_layers
+    return grown(model.hidden_units, model.hidden_growth, model.hidden_layers)
 
 
 def _side(size: int, field: int, pad: int, stride: int) -> tuple[int, str]:
@@ -206,4 +216,37 @@ def totals(layers: list[Layer]) -> dict[str, int]:
     return {
         "params": sum(layer.params for layer in layers),
         "connections": sum(layer.connections for layer in layers),
+    }
+
+
+def stage_outputs(layers: list[Layer]) -> list[tuple[int, ...]]:
+    """The feature-map shape each conv stage hands on (after its pool, if any)."""
+    outputs: dict[str, tuple[int, ...]] = {}
+    for layer in layers:
+        if layer.kind in ("conv", "pool"):
+            stage = layer.name.removeprefix("conv").removeprefix("pool").split("_")[0]
+            outputs[stage] = layer.out_shape
+    return list(outputs.values())
+
+
+def architecture(layers: list[Layer]) -> dict[str, str]:
+    """The network that trains, resolved from the config, as MLflow params
+    (`network.*`): the dashboard's columns describe it, not only the keys that made it."""
+    import json
+
+    def shape(s: tuple[int, ...]) -> str:
+        return f"{s[1]}x{s[2]}x{s[0]}" if len(s) == 3 else str(s[0])
+
+    convs = [layer for layer in layers if layer.kind == "conv"]
+    stages = stage_outputs(layers)
+    hidden = [layer.out_shape[0] for layer in layers if layer.kind == "fc"]
+    flat = next((layer.out_shape[0] for layer in layers if layer.kind == "flatten"), None)
+    return {
+        "network.conv_layers": str(len(convs)),
+        "network.filters_per_stage": json.dumps([s[0] for s in stages]),
+        "network.stage_outputs": json.dumps([shape(s) for s in stages]),
+        "network.flat_features": str(flat if flat is not None else layers[0].outputs),
+        "network.hidden_units_per_layer": json.dumps(hidden),
+        "network.params": str(totals(layers)["params"]),
+        "network.connections": str(totals(layers)["connections"]),
     }

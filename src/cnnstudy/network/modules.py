@@ -7,8 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cnnstudy.architecture import Layer
-from cnnstudy.kernels import PoolMax2d, conv_max_pool
+from cnnstudy.network.plan import Layer
+from cnnstudy.network.cpu_kernels import PoolMax2d, conv_max_pool
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -31,7 +31,7 @@ def _plain_relu(module: nn.Module | None) -> bool:
 
 class Network(nn.Sequential):
     """nn.Sequential that runs a first conv, the 2x2 max pool after it and the ReLU after
-    that as one CPU kernel where `conv_max_pool` applies (kernels.py); module by module
+    that as one CPU kernel where `conv_max_pool` applies (cpu_kernels.py); module by module
     everywhere else. Modules, names and state dict are the Sequential's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def build_network(layers: list[Layer], cpu_kernels: bool = True) -> Network:
 
     Max pools are `PoolMax2d`: nn.MaxPool2d, running cnnstudy's vectorized CPU kernel where
     it applies, and a first conv with the max pool after it runs fused (`Network`), unless
-    cpu_kernels=False (kernels.py).
+    cpu_kernels=False (cpu_kernels.py).
 
     The output layer yields logits; the softmax is part of the loss (cross-entropy).
     Max pooling commutes with every activation offered (all are non-decreasing), so the

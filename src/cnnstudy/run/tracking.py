@@ -1,12 +1,9 @@
-"""What a run records in MLflow, and how: tracking URI, redaction, params, tags, run names.
-
-Everything here is plain Python except `start_run`; mlflow is imported where it is used.
+"""What a run records in MLflow: params (the config and the network it resolved to), tags,
+run names, artifacts. Secrets are redacted (cnnstudy.redact); mlflow is imported where used.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -14,41 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-REDACTED = "***"
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(?P<pw>[^@\s/]+)(?=@)")
-_QUERY_SECRET = re.compile(
-    r"(?P<head>[?&][^=&\s]*(?:password|passwd|secret|token|api[_-]?key)[^=&\s]*=)(?P<pw>[^&\s]+)",
-    re.IGNORECASE,
-)
-
-
-def redact_text(text: str) -> str:
-    """A URL's password (scheme://user:PASSWORD@host) and secret query values become ***."""
-    text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
-    return _QUERY_SECRET.sub(lambda m: m["head"] + REDACTED, text)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of plain data (dicts, lists, scalars) with secrets replaced by ***."""
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v, key) for v in value]
-    if _SECRET_KEY.search(key) and value not in (None, ""):
-        return REDACTED
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
-
-def override_secret(override: str) -> str:
-    """An override `a.b.token=x` with the value redacted by key and by URL."""
-    key, sep, value = override.partition("=")
-    if sep and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
-        return f"{key}={REDACTED}"
-    return redact_text(override)
-
+from cnnstudy.redact import override_secret, redact, redact_text
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain data, secrets redacted: what MLflow sees."""
@@ -64,11 +27,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    """MLflow's convention: MLFLOW_TRACKING_URI wins over the config's logger.tracking_uri."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
 
 
 def run_name(cfg: DictConfig, overrides: list[str]) -> str:
@@ -134,13 +92,9 @@ def run_tags(cfg: DictConfig, overrides: list[str], entry_point: str) -> dict[st
     return tags
 
 
-def resolve_artifact_location(location: str) -> str:
-    if "://" in location:
-        return location
-    return Path(location).resolve().as_uri()
-
-
-def record_setup(cfg: DictConfig, layers: list, splits: Any, mean: list, std: list) -> None:
+def record_setup(
+    cfg: DictConfig, layers: list, splits: Any, mean: list, std: list, uri: str
+) -> None:
     """Log what a run starts from into the active MLflow run: config, data, architecture."""
     import json
 
@@ -148,8 +102,9 @@ def record_setup(cfg: DictConfig, layers: list, splits: Any, mean: list, std: li
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
 
-    from cnnstudy.architecture import totals
-    from cnnstudy.describe import describe, render
+    from cnnstudy.network.describe import describe, render
+    from cnnstudy.network.plan import architecture, totals
+    from cnnstudy.run.store import serialized
 
     config = plain_config(cfg)
     params = flatten(config)
@@ -157,9 +112,10 @@ def record_setup(cfg: DictConfig, layers: list, splits: Any, mean: list, std: li
         params[f"data.{name}_size"] = str(len(split))
     params["data.train_mean"] = json.dumps([round(v, 4) for v in mean])
     params["data.train_std"] = json.dumps([round(v, 4) for v in std])
+    params.update(architecture(layers))
     mlflow.log_params(params)
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(config)), "config.yaml")
-    table = describe(cfg)
+    table = describe(cfg, layers)
     mlflow.log_text(render(table, layers), "describe.txt")
     mlflow.log_dict(table, "describe.json")
     counts = totals(layers)
@@ -174,7 +130,9 @@ def record_setup(cfg: DictConfig, layers: list, splits: Any, mean: list, std: li
     contexts = {"train": "training", "val": "validation", "test": "testing"}
     for name, split in splits.items():
         dataset = MetaDataset(source, name=f"{cfg.data.name}-{name}", digest=split.fingerprint)
-        mlflow.log_input(dataset, context=contexts[name])
+        # MLflow looks a dataset up, then inserts it: two runs logging the same one at once
+        # would both insert (UNIQUE constraint failed: datasets)
+        serialized(uri, lambda d=dataset, c=contexts[name]: mlflow.log_input(d, context=c))
     mlflow.log_dict(
         {
             "classes": splits.classes,
@@ -182,7 +140,7 @@ def record_setup(cfg: DictConfig, layers: list, splits: Any, mean: list, std: li
             "fingerprints": {name: split.fingerprint for name, split in splits.items()},
             "mean": mean,
             "std": std,
-            "from_cache": splits.from_cache,
+            "loaded_from": splits.loaded_from,
         },
         "data.json",
     )

@@ -10,8 +10,22 @@ import argparse
 import os
 import sys
 
-from cnnstudy.cli import user_errors_exit
-from cnnstudy.config import ConfigError, compose
+from cnnstudy.config.compose import compose
+from cnnstudy.errors import ConfigError, user_errors_exit
+from cnnstudy.run import store
+
+
+def _port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); another "
+                "program (an MLflow UI already running?) holds it. Give another: --port 5001"
+            ) from None
 
 
 @user_errors_exit
@@ -26,12 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = compose(args.overrides)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
+    uri = store.tracking_uri(cfg)
     if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
         raise ConfigError(
             f"tracking URI {uri}: cnnstudy-ui serves a database store; "
             "for an MLflow server, open its address instead"
         )
+    store.check_store(uri, create=False)  # showing runs creates no store
+    if not args.print_only:
+        _port_free(args.host, args.port)
 
     import mlflow
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from cnnstudy.config import ConfigError
-from cnnstudy.datafiles import (
+from cnnstudy.errors import ConfigError
+from cnnstudy.data.files import (
     TORCHVISION,
     class_folders,
     expected_files,
@@ -120,7 +120,8 @@ def torchvision_dataset(data: Any) -> Decoded:
         test = cls(root, train=False, download=False)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ConfigError(missing_message(data, f"download failed ({reason})")) from None
+        what = "download failed" if missing else "reading the files failed"
+        raise ConfigError(missing_message(data, f"{what} ({reason})")) from None
     finally:
         socket.setdefaulttimeout(saved_timeout)
 

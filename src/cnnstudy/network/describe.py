@@ -15,9 +15,10 @@ import json
 import sys
 from typing import Any
 
-from cnnstudy.architecture import Layer, plan, totals
-from cnnstudy.cli import user_errors_exit
-from cnnstudy.config import check, compose
+from cnnstudy.config.check import check
+from cnnstudy.config.compose import compose
+from cnnstudy.errors import user_errors_exit
+from cnnstudy.network.plan import Layer, totals
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -27,9 +28,8 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return f"{shape[0]:,}"
 
 
-def describe(cfg: Any) -> dict[str, Any]:
-    """The describe table of a composed, checked config, as plain data."""
-    layers = plan(cfg.model, cfg.data)
+def describe(cfg: Any, layers: list[Layer]) -> dict[str, Any]:
+    """The describe table of a checked config and its shape plan, as plain data."""
     return {
         "model": cfg.model.name,
         "input": {
@@ -106,16 +106,23 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Overrides are Hydra's, as for cnnstudy-train: model=lenet5 model.stride=2 ...",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--config-dir",
+        "-cd",
+        default=None,
+        help="a folder of your own configs, searched as cnnstudy-train --config-dir does "
+        "(my_conf/model/my_net.yaml: model=my_net)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: none)")
     args = parser.parse_args(argv)
-    cfg = compose(args.overrides)
-    check(cfg)
-    table = describe(cfg)
+    cfg = compose(args.overrides, args.config_dir)
+    layers = check(cfg)
+    table = describe(cfg, layers)
     if args.json:
         json.dump(table, sys.stdout, indent=2)
         print()
     else:
-        print(render(table, plan(cfg.model, cfg.data)), end="")
+        print(render(table, layers), end="")
 
 
 if __name__ == "__main__":

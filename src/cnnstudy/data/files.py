@@ -9,18 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cnnstudy.config import ConfigError
+from cnnstudy.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def cache_root() -> Path:
-    """cnnstudy's own cache folder: $CNNSTUDY_CACHE, else $XDG_CACHE_HOME/cnnstudy or
-    ~/.cache/cnnstudy (decoded data, unless data.cache_dir says otherwise; built kernels)."""
-    if os.environ.get("CNNSTUDY_CACHE"):
-        return Path(os.environ["CNNSTUDY_CACHE"]).expanduser().resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser().resolve() / "cnnstudy"
 
 
 def _images_in(folder: Path) -> Iterator[Path]:
@@ -114,12 +105,47 @@ def missing_message(data: Any, why: str) -> str:
     )
 
 
+def idx_problem(path: Path) -> str | None:
+    """Why an IDX file (MNIST's format) is not whole, or None: its header gives the
+    dimensions, so its exact size is known before anything decodes it."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_ITEM:
+            return f"{size} bytes, not an IDX file (it starts with {head.hex() or 'nothing'})"
+        dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        return f"{size} bytes, shorter than its own header"
+    count = _IDX_ITEM[head[2]]
+    for i in range(head[3]):
+        count *= int.from_bytes(dims[4 * i : 4 * i + 4], "big")
+    expected = 4 + 4 * head[3] + count
+    if size != expected:
+        return f"{size:,} bytes where its header promises {expected:,}"
+    return None
+
+
+_IDX_ITEM = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # type code -> bytes
+
+
 def check_files(data: Any) -> None:
-    """Before anything heavy: the files a dataset needs are there, or will be downloaded."""
+    """Before anything heavy: the files a dataset needs are there and whole (IDX files by
+    their headers), or will be downloaded."""
     if data.name in TORCHVISION and not data.download:
-        missing = [f for f in expected_files(data) if not f.is_file()]
+        files = expected_files(data)
+        missing = [f for f in files if not f.is_file()]
         if missing:
             raise ConfigError(missing_message(data, f"{len(missing)} file(s) missing"))
+        if TORCHVISION[data.name][2] == _MNIST_FILES:
+            for file in files:
+                problem = idx_problem(file)
+                if problem:
+                    raise ConfigError(
+                        f"data={data.name}: {file} is damaged: {problem}. Replace it with the "
+                        f"published file (torchvision's {TORCHVISION[data.name][0]} mirrors; "
+                        f"MNIST's SHA256SUMS name each file's checksum), or delete it and run "
+                        "once with data.download=true where the internet is reachable"
+                    )
     elif data.name == "folder":
         class_folders(Path(data.path))
 

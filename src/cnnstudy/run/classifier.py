@@ -106,8 +106,9 @@ class Classifier(L.LightningModule):
         if self.trainer.world_size > 1:
             summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
         loss_sum, correct, count = summed.tolist()
-        self.log(f"{stage}/loss", loss_sum / count)
-        self.log(f"{stage}/acc", correct / count)
+        shown = stage != "test"  # the progress bar shows train and val loss and accuracy
+        self.log(f"{stage}/loss", loss_sum / count, prog_bar=shown)
+        self.log(f"{stage}/acc", correct / count, prog_bar=shown)
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()

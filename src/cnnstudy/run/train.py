@@ -30,11 +30,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from cnnstudy.architecture import plan, totals
-from cnnstudy.cli import EXIT_USER_ERROR, report
-from cnnstudy.config import CONFIG_DIR, ConfigError, check
-from cnnstudy.datafiles import check_files
-from cnnstudy.tracking import record_setup, run_name, run_tags, tracking_uri
+from cnnstudy.config.check import check, resolve
+from cnnstudy.config.compose import CONFIG_DIR
+from cnnstudy.data.files import check_files
+from cnnstudy.errors import EXIT_USER_ERROR, ConfigError, Interrupted, report
+from cnnstudy.network.memory import fits_message, host_available
+from cnnstudy.network.plan import totals
+from cnnstudy.redact import RedactingFilter, override_secret
+from cnnstudy.run import store
+from cnnstudy.run.lifecycle import mark_orphans, process_tags, signals_interrupt
+from cnnstudy.run.tracking import record_setup, run_name, run_tags
 
 _EXPECTED_WARNINGS = (
     r".*is smaller than the logging interval",  # metrics are logged per epoch, not per step
@@ -103,40 +108,51 @@ def _isolated_globals(num_threads: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _absolute_paths(cfg: DictConfig) -> DictConfig:
-    """A copy with data paths made absolute, so the stored config reproduces from any folder."""
-    cfg = cfg.copy()
-    for key in ("root", "path", "cache_dir"):
-        if cfg.data[key]:
-            cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
-    return cfg
+def _quiet_lightning(gpu: bool) -> None:
+    """One console line per Lightning message, none advertising its cloud logger, and on a
+    CPU run none about accelerators that are not there.
 
-
-def _quiet_lightning() -> None:
-    """One console line per Lightning message, and none advertising its cloud logger."""
+    Lightning's rank-zero messages go through `lightning.fabric.utilities.rank_zero.log`,
+    which the last of `lightning.pytorch` and `pytorch_lightning` to be imported points at
+    its own logger (MLflow's model logging imports pytorch_lightning): pointed back, every
+    run, so the filter applies to every run in a process.
+    """
     import logging
 
-    lightning_logger = logging.getLogger("lightning")
-    if logging.getLogger().hasHandlers():  # Hydra configured logging: let the root print it
-        for handler in list(lightning_logger.handlers):
-            if type(handler) is logging.StreamHandler:
-                lightning_logger.removeHandler(handler)
+    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
+
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
-        rank_zero.addFilter(_NoAdverts())
+    fabric_rank_zero.log = rank_zero
+    root_handled = logging.getLogger().hasHandlers()
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        package_logger = logging.getLogger(name)
+        if root_handled:  # Hydra configured logging: let the root print it, once
+            for handler in list(package_logger.handlers):
+                if type(handler) is logging.StreamHandler:
+                    package_logger.removeHandler(handler)
+            package_logger.propagate = True
+    for f in [f for f in rank_zero.filters if isinstance(f, _Quiet)]:
+        rank_zero.removeFilter(f)
+    rank_zero.addFilter(_Quiet(gpu))
 
 
-class _NoAdverts:
-    """Drops Lightning's advert for its cloud logger and a notice about its own internals."""
+class _Quiet:
+    """Drops Lightning's advert for its cloud logger, a notice about its own internals, and
+    on CPU runs the accelerator inventory (GPU available: False, TPU available...)."""
+
+    def __init__(self, gpu: bool) -> None:
+        self.gpu = gpu
 
     def filter(self, record: Any) -> bool:
         text = str(record.msg)
-        return "litlogger" not in text and "to estimate number of stepping batches" not in text
+        if "litlogger" in text or "to estimate number of stepping batches" in text:
+            return False
+        return self.gpu or not text.startswith(("GPU available", "TPU available", "HPU available"))
 
 
 def optimizer_factories(cfg: DictConfig):
     """(optimizer factory, scheduler factory or None), each tried once on a dummy parameter
-    so that a bad key or value is a config error now, not a crash mid-fit.
+    so that a bad class, key or value is a config error now, not a crash mid-fit.
 
     The scheduler runs per batch over the whole run: its total_steps (OneCycleLR) or T_max
     (CosineAnnealingLR) is filled in from the trainer's estimated number of steps.
@@ -144,15 +160,23 @@ def optimizer_factories(cfg: DictConfig):
     import inspect
 
     import torch
-    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     def attempt(group: str, build):
         try:
             return build()
-        except (InstantiationException, TypeError, ValueError) as err:
-            message = str(err).strip().splitlines()[-1]
-            raise ConfigError(f"{group} ({cfg[group]._target_}): {message}") from None
+        except Exception as err:  # noqa: BLE001 -- any failure of a user's class is theirs
+            while err.__cause__ is not None:  # Hydra wraps the class's own error
+                err = err.__cause__
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            message = f"{type(err).__name__}: {message}" if message else type(err).__name__
+            keys = ", ".join(k for k in cfg[group] if k not in ("_target_", "_partial_"))
+            raise ConfigError(
+                f"{group}._target_={cfg[group]._target_} with {group} keys ({keys}) cannot be "
+                f"built: {message}. Valid: a class of torch.optim"
+                f"{'.lr_scheduler' if group == 'scheduler' else ''} and the arguments its "
+                "constructor takes"
+            ) from None
 
     optimizer = attempt("optimizer", lambda: instantiate(cfg.optimizer, _partial_=True))
     dummy = attempt("optimizer", lambda: optimizer([torch.nn.Parameter(torch.zeros(1))]))
@@ -169,23 +193,6 @@ def optimizer_factories(cfg: DictConfig):
     return optimizer, scheduler
 
 
-def _experiment_id(cfg: DictConfig) -> str:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from cnnstudy.tracking import resolve_artifact_location
-
-    name = cfg.logger.experiment_name
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        location = resolve_artifact_location(cfg.logger.artifact_location)
-        return mlflow.create_experiment(name, artifact_location=location)
-    except MlflowException:  # a parallel worker created it first
-        return mlflow.get_experiment_by_name(name).experiment_id
-
-
 @dataclass
 class Hardware:
     gpu: bool
@@ -196,11 +203,21 @@ class Hardware:
 def resolve_hardware(cfg: DictConfig) -> Hardware:
     """Precision and memory format that follow the device unless the config fixes them:
     bf16 mixed precision on GPUs that support it, float32 elsewhere; channels_last
-    wherever the network has conv layers (oneDNN and cuDNN both run NHWC faster)."""
+    wherever the network has conv layers (oneDNN and cuDNN both run NHWC faster).
+    An accelerator asked for and not there is a config error."""
     import torch
 
     t = cfg.trainer
-    gpu = t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    if t.accelerator in ("gpu", "cuda") and not cuda:
+        raise ConfigError(
+            f"trainer.accelerator={t.accelerator}: torch sees no CUDA GPU on this machine "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); valid here: cpu, auto"
+        )
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps: no Apple GPU here; valid here: cpu, auto")
+    gpu = t.accelerator in ("auto", "gpu", "cuda") and cuda
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
@@ -210,6 +227,21 @@ def resolve_hardware(cfg: DictConfig) -> Hardware:
     return Hardware(gpu, precision, bool(channels_last))
 
 
+def _check_memory(layers: list, cfg: DictConfig, gpu: bool = False) -> None:
+    """Refuse a network that cannot fit, naming its largest layer, before it is built: in
+    host memory (where it is built, no torch needed), and with `gpu` in the GPU's."""
+    if gpu:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        problem = fits_message(layers, cfg.data.batch_size, free, "free on the GPU")
+    else:
+        available = host_available()
+        problem = available and fits_message(layers, cfg.data.batch_size, available, "available")
+    if problem:
+        raise ConfigError(problem)
+
+
 def _cpu_kernels(cfg: DictConfig, hardware: Hardware) -> str:
     """Which max pool a run uses, for its tags; builds cnnstudy's kernel (once per machine)
     before the fit, not inside its timing."""
@@ -217,10 +249,25 @@ def _cpu_kernels(cfg: DictConfig, hardware: Hardware) -> str:
         return "off"
     if hardware.gpu:
         return "unused on GPU"
-    from cnnstudy.kernels import build
+    from cnnstudy.network.cpu_kernels import build
 
     done = build()
     return "maxpool" if done.library is not None else f"torch's max pool: {done.status}"
+
+
+def _progress_bar():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class RunProgressBar(RichProgressBar):
+        """Lightning's rich bar, showing the run's loss and accuracy (per epoch) instead of
+        the logger's version number."""
+
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+    return RunProgressBar(leave=True)
 
 
 def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[Any], root_dir: str):
@@ -231,13 +278,11 @@ def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[A
     # stopping (runs there are close, not bitwise equal; see cnnstudy-reproduce --tolerance).
     deterministic = "warn" if hardware.gpu and t.deterministic else t.deterministic
     if t.progress_bar:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        callbacks = [*callbacks, RichProgressBar(leave=True)]
+        callbacks = [*callbacks, _progress_bar()]
     return L.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
-        devices=t.devices,
+        devices=1 if t.devices == "auto" else t.devices,  # one process (checked)
         precision=hardware.precision,
         deterministic=deterministic,
         limit_train_batches=t.limit_train_batches,
@@ -263,22 +308,37 @@ def train(
     entry_point: str = "cnnstudy-train",
     extra_tags: dict[str, str] | None = None,
     root_dir: str | None = None,
+    tracking_uri: str | None = None,
 ) -> RunResult:
-    """Train the network `cfg` describes, log one MLflow run, return its metrics."""
-    check(cfg)
+    """Train the network `cfg` describes, log one MLflow run, return its metrics.
+
+    Every check that can fail runs before the data is loaded and before the MLflow run
+    exists: config and shape plan, data files, the tracking store, memory, then (torch
+    imported) the optimizer and scheduler and the accelerator. SIGINT and SIGTERM during
+    the run mark it KILLED and raise Interrupted. `tracking_uri` overrides
+    MLFLOW_TRACKING_URI and logger.tracking_uri.
+    """
+    cfg = resolve(cfg)
+    layers = check(cfg)
     check_files(cfg.data)
-    cfg = _absolute_paths(cfg)
-    layers = plan(cfg.model, cfg.data)
+    uri = store.tracking_uri(cfg, tracking_uri)
+    store.check_store(uri)
+    _check_memory(layers, cfg)
+    cfg.logger.tracking_uri = uri  # the store used is the one recorded (redacted)
     started = time.perf_counter()
-    with _isolated_globals(cfg.trainer.num_threads), warnings.catch_warnings():
+    with (
+        _isolated_globals(cfg.trainer.num_threads),
+        warnings.catch_warnings(),
+        signals_interrupt(),
+    ):
         import lightning as L
         import mlflow
         import torch
         from lightning.pytorch.loggers import MLFlowLogger
 
-        from cnnstudy.data import ImageDataModule
-        from cnnstudy.model import build_network
-        from cnnstudy.system import Classifier, Throughput
+        from cnnstudy.data.batches import ImageDataModule
+        from cnnstudy.network.modules import build_network
+        from cnnstudy.run.classifier import Classifier, Throughput
 
         # Flush denormal floats to zero, as TensorFlow and XLA do on CPUs: Adam's squared
         # gradients of tiny gradients are denormal, and x86 cores take a slow path on each
@@ -286,10 +346,13 @@ def train(
         # parallel region, so that torch's worker threads, created then, inherit it; not
         # restored, so that every run in the process computes alike.
         torch.set_flush_denormal(True)
-        _quiet_lightning()
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
         hardware = resolve_hardware(cfg)
+        _quiet_lightning(hardware.gpu)
+        if hardware.gpu:
+            _check_memory(layers, cfg, gpu=True)
+        optimizer, scheduler = optimizer_factories(cfg)
         if not hardware.gpu and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
             # A CUDA build of torch on a machine without a GPU asks NVML for the device count
             # at every optimizer step (dlopen included): a quarter millisecond a step. With no
@@ -297,18 +360,20 @@ def train(
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         datamodule = ImageDataModule(cfg.data, seed=cfg.seed, channels_last=hardware.channels_last)
         splits = datamodule.prepare()
-        optimizer, scheduler = optimizer_factories(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         network = build_network(layers, cpu_kernels=cfg.trainer.cpu_kernels)
         if hardware.channels_last:
             network = network.to(memory_format=torch.channels_last)
         system = Classifier(network, cfg.data.num_classes, optimizer, scheduler)
 
-        uri = tracking_uri(cfg)
         mlflow.set_tracking_uri(uri)
-        experiment_id = _experiment_id(cfg)
+        experiment_id = store.open_experiment(
+            uri, cfg.logger.experiment_name, cfg.logger.artifact_location
+        )
+        mark_orphans(uri, by=f"{entry_point} (pid {os.getpid()})")
         tags = run_tags(cfg, list(overrides), entry_point)
         tags.update(extra_tags or {})
+        tags.update(process_tags())
         tags.update(
             {
                 "cnnstudy.torch_threads": str(torch.get_num_threads()),
@@ -316,33 +381,38 @@ def train(
                 "cnnstudy.channels_last": str(hardware.channels_last).lower(),
                 "cnnstudy.cpu_kernels": _cpu_kernels(cfg, hardware),
                 "cnnstudy.data_fingerprint": splits.fingerprint,
-                "cnnstudy.data_from_cache": str(splits.from_cache).lower(),
+                "cnnstudy.data_loaded_from": splits.loaded_from,
             }
         )
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name(cfg, list(overrides)), tags=tags
         ) as run:
             run_id = run.info.run_id
-            record_setup(cfg, layers, splits, datamodule.mean, datamodule.std)
-            counts = totals(layers)
-            logger = MLFlowLogger(
-                experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
-            )
-            throughput = Throughput()
-            trainer = _trainer(cfg, hardware, logger, [throughput], root_dir or os.getcwd())
-            fit_started = time.perf_counter()
-            trainer.fit(system, datamodule=datamodule)
-            fit_seconds = time.perf_counter() - fit_started
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            for result in trainer.test(system, datamodule=datamodule, verbose=False):
-                metrics.update({k: float(v) for k, v in result.items()})
-            metrics["time/fit_s"] = fit_seconds
-            mlflow.log_metric("time/fit_s", fit_seconds)
-            metrics.update(
-                {"model/params": counts["params"], "model/connections": counts["connections"]}
-            )
-            if cfg.logger.log_model:
-                _log_network(network, cfg)
+            try:
+                record_setup(cfg, layers, splits, datamodule.mean, datamodule.std, uri)
+                counts = totals(layers)
+                logger = MLFlowLogger(
+                    experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
+                )
+                throughput = Throughput()
+                trainer = _trainer(cfg, hardware, logger, [throughput], root_dir or os.getcwd())
+                fit_started = time.perf_counter()
+                trainer.fit(system, datamodule=datamodule)
+                fit_seconds = time.perf_counter() - fit_started
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                for result in trainer.test(system, datamodule=datamodule, verbose=False):
+                    metrics.update({k: float(v) for k, v in result.items()})
+                metrics["time/fit_s"] = fit_seconds
+                mlflow.log_metric("time/fit_s", fit_seconds)
+                metrics.update(
+                    {"model/params": counts["params"], "model/connections": counts["connections"]}
+                )
+                if cfg.logger.log_model:
+                    _log_network(network, cfg)
+            except Interrupted as stop:
+                mlflow.set_tag("cnnstudy.killed_reason", f"{stop} during the run")
+                mlflow.end_run("KILLED")
+                raise
     return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
 
 
@@ -368,6 +438,8 @@ def _log_network(network: Any, cfg: DictConfig) -> None:
 
 
 def summary(result: RunResult) -> str:
+    from cnnstudy.redact import redact_text
+
     m = result.metrics
     nan = float("nan")
     return (
@@ -375,24 +447,41 @@ def summary(result: RunResult) -> str:
         f"  params {int(m.get('model/params', 0)):,}"
         f"  {m.get('train/images_per_s', 0):,.0f} images/s"
         f"  time {result.seconds:.1f} s\n"
-        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}\n"
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in "
+        f"{redact_text(result.tracking_uri)}\n"
         f"See it: make ui  (or cnnstudy-ui)"
     )
 
 
+def _remove_job_folder(output_dir: str) -> None:
+    """A job stopped by a config error trained nothing: its Hydra folder (and the date
+    folder above it, when that is left empty) goes too."""
+    import shutil
+
+    folder = Path(output_dir)
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in list(folder.parents)[:2]:
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> dict[str, float]:
+def _hydra_main(cfg: DictConfig) -> dict[str, float] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        result = train(cfg, list(hydra_cfg.overrides.task), root_dir=hydra_cfg.runtime.output_dir)
+        result = train(cfg, overrides, root_dir=hydra_cfg.runtime.output_dir)
     except ConfigError as err:
         report(err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            _remove_job_folder(hydra_cfg.runtime.output_dir)
             sys.exit(EXIT_USER_ERROR)
-        _failed_jobs.append(" ".join(hydra_cfg.overrides.task))  # the sweep goes on
+        _failed_jobs.append(" ".join(override_secret(o) for o in overrides))  # the sweep goes on
         return None
     print(summary(result))
     return result.metrics
@@ -402,7 +491,17 @@ _failed_jobs: list[str] = []  # multirun jobs stopped by a config error, reporte
 
 
 def main() -> None:
-    _hydra_main()
+    """cnnstudy-train. Exit codes: 0 done, 2 a user error (config, data files, store; in a
+    multirun, any job's), 130 Ctrl-C, 143 SIGTERM (the run is marked KILLED)."""
+    import logging
+
+    for name in ("hydra", "hydra._internal.core_plugins.basic_launcher"):
+        logging.getLogger(name).addFilter(RedactingFilter())  # Hydra prints jobs' overrides
+    try:
+        _hydra_main()
+    except Interrupted as stop:
+        print(f"cnnstudy: stopped by {stop}; the run is marked KILLED", file=sys.stderr)
+        sys.exit(stop.exit_code)
     if _failed_jobs:
         print(
             f"cnnstudy: error: {len(_failed_jobs)} job(s) of the sweep had config errors "

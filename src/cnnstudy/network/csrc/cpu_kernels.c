@@ -206,7 +206,9 @@ static inline void phases(const float *g, const uint8_t *idx, __mmask16 m, __m51
     *gsum = _mm512_add_ps(*gsum, gv);
 }
 /* Weight and bias gradients: gw (f, f, cin, cp) and gb (cp), written whole. Each thread sums
- * its share of the rows into its own buffer; the buffers are added in thread order.
+ * its share of the rows into its own buffer; the buffers of the threads that ran are added
+ * in thread order. OpenMP may start fewer threads than omp_get_max_threads() (OMP_DYNAMIC,
+ * OMP_THREAD_LIMIT, nesting): only the team's own buffers are summed.
  * Returns 0, or -1 when the buffers cannot be allocated. */
 int cnnstudy_convpool_backward(const float *restrict x, const float *restrict g,
                                const uint8_t *restrict idx, float *restrict gw,
@@ -216,12 +218,15 @@ int cnnstudy_convpool_backward(const float *restrict x, const float *restrict g,
     const long ho = (h - f + 1) / 2, wo = (w - f + 1) / 2, cp = (cout + 15) / 16 * 16;
     const long span = f * cin, rowlen = w * cin, taps = f * span, size = (taps + 1) * cp;
     const int threads = omp_get_max_threads();
+    int team = 1;
     float *partial = aligned_alloc(64, (size_t)(threads * size) * sizeof(float));
     if (partial == NULL)
         return -1;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (t == 0)
+            team = nt;
         float *acc = partial + t * size;
         memset(acc, 0, (size_t)size * sizeof(float));
         const long rows = n * ho, lo = rows * t / nt, hi = rows * (t + 1) / nt;
@@ -265,7 +270,7 @@ int cnnstudy_convpool_backward(const float *restrict x, const float *restrict g,
     }
     for (long i = 0; i < size; i++) {
         float s = 0.0f;
-        for (int t = 0; t < threads; t++) s += partial[t * size + i];
+        for (int t = 0; t < team; t++) s += partial[t * size + i];
         if (i < taps * cp) gw[i] = s; else gb[i - taps * cp] = s;
     }
     free(partial);
