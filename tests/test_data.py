@@ -193,7 +193,7 @@ def test_decoded_data_is_cached_outside_the_data_root(tmp_path):
     code = (
         "from cnnstudy.config.compose import compose\nfrom cnnstudy.data.splits import load_splits\n"
         f"s = load_splits(compose({list(args)!r}).data)\n"
-        "again = load_splits(compose({list(args)!r}).data)\n"
+        f"again = load_splits(compose({list(args)!r}).data)\n"
         "print('FROM', s.loaded_from, again.loaded_from, s.fingerprint)\n"
     )
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -54,3 +54,35 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(stop.exit_code)
 
     return wrapper
+
+
+def console_script(main: Callable[[], Any]) -> Callable[[], None]:
+    """The console script around `main`: once main has returned (or exited) and the atexit
+    handlers have run and output is flushed, the process ends at once. Python's own
+    teardown would free every module of torch, Lightning and MLflow one by one: about 2 s
+    after the summary, measured on this project's machine, for nothing. A bug still ends
+    with its traceback."""
+
+    @wraps(main)
+    def run() -> None:
+        import atexit
+        import logging
+        import os
+
+        try:
+            main()
+            code: Any = 0
+        except SystemExit as done:
+            code = done.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    return run

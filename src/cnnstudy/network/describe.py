@@ -17,7 +17,7 @@ from typing import Any
 
 from cnnstudy.config.check import check
 from cnnstudy.config.compose import compose
-from cnnstudy.errors import user_errors_exit
+from cnnstudy.errors import console_script, user_errors_exit
 from cnnstudy.network.plan import Layer, totals
 
 
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(render(table, layers), end="")
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import os
 import sys
 
 from cnnstudy.config.compose import compose
-from cnnstudy.errors import ConfigError, user_errors_exit
+from cnnstudy.errors import ConfigError, console_script, user_errors_exit
 from cnnstudy.run import store
 
 
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     os.execv(sys.executable, command)
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()

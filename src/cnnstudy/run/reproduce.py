@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from cnnstudy.config.schema import TrainConfig
-from cnnstudy.errors import ConfigError, user_errors_exit
+from cnnstudy.errors import ConfigError, console_script, user_errors_exit
 
 
 @dataclass
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     print(f"MATCH: all {sum(r.compared for r in rows)} compared metrics agree")
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()

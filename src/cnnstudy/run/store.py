@@ -96,9 +96,9 @@ def check_store(uri: str, create: bool = True) -> None:
                     "Point MLFLOW_TRACKING_URI or --tracking-uri at the store that holds "
                     "your runs"
                 )
-            if not path.parent.is_dir():
-                raise ConfigError(f"{_where(uri)}: folder {path.parent} does not exist")
-        elif not path.is_file():
+            _can_create(uri, path)
+            return  # created by the run's first write, not by a check
+        if not path.is_file():
             raise ConfigError(f"{_where(uri)}: {path} is not a file")
         import sqlite3
 
@@ -133,6 +133,22 @@ def check_store(uri: str, create: bool = True) -> None:
             f"{_where(uri)}: MLflow 3 keeps runs in a database or behind a server, not in a "
             "folder; valid: sqlite:///mlflow.db, postgresql://..., http://host:port"
         )
+
+
+def _can_create(uri: str, path: Path) -> None:
+    """A new SQLite file can be made in its folder: tried with a scratch file, removed."""
+    import tempfile
+
+    if not path.parent.is_dir():
+        raise ConfigError(f"{_where(uri)}: folder {path.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".cnnstudy-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{_where(uri)}: cannot create {path} ({err.strerror}). Valid: a file in a folder "
+            "you can write, e.g. sqlite:///mlflow.db"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from cnnstudy.config.check import check, resolve
 from cnnstudy.config.compose import CONFIG_DIR
 from cnnstudy.data.files import check_files
-from cnnstudy.errors import EXIT_USER_ERROR, ConfigError, Interrupted, report
+from cnnstudy.errors import EXIT_USER_ERROR, ConfigError, Interrupted, console_script, report
 from cnnstudy.network.memory import fits_message, host_available
 from cnnstudy.network.plan import totals
 from cnnstudy.redact import RedactingFilter, override_secret
@@ -124,7 +124,7 @@ def _quiet_lightning(gpu: bool) -> None:
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     fabric_rank_zero.log = rank_zero
     root_handled = logging.getLogger().hasHandlers()
-    for name in ("lightning.pytorch", "pytorch_lightning"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         package_logger = logging.getLogger(name)
         if root_handled:  # Hydra configured logging: let the root print it, once
             for handler in list(package_logger.handlers):
@@ -178,11 +178,15 @@ def optimizer_factories(cfg: DictConfig):
                 "constructor takes"
             ) from None
 
-    optimizer = attempt("optimizer", lambda: instantiate(cfg.optimizer, _partial_=True))
+    optimizer = attempt(
+        "optimizer", lambda: instantiate(cfg.optimizer, _partial_=True, _convert_="all")
+    )
     dummy = attempt("optimizer", lambda: optimizer([torch.nn.Parameter(torch.zeros(1))]))
     if cfg.scheduler is None or cfg.scheduler.get("_target_") is None:
         return optimizer, None
-    partial = attempt("scheduler", lambda: instantiate(cfg.scheduler, _partial_=True))
+    partial = attempt(
+        "scheduler", lambda: instantiate(cfg.scheduler, _partial_=True, _convert_="all")
+    )
     accepts = inspect.signature(partial.func).parameters
 
     def scheduler(opt, total_steps: int):
@@ -331,14 +335,7 @@ def train(
         warnings.catch_warnings(),
         signals_interrupt(),
     ):
-        import lightning as L
-        import mlflow
         import torch
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        from cnnstudy.data.batches import ImageDataModule
-        from cnnstudy.network.modules import build_network
-        from cnnstudy.run.classifier import Classifier, Throughput
 
         # Flush denormal floats to zero, as TensorFlow and XLA do on CPUs: Adam's squared
         # gradients of tiny gradients are denormal, and x86 cores take a slow path on each
@@ -346,13 +343,23 @@ def train(
         # parallel region, so that torch's worker threads, created then, inherit it; not
         # restored, so that every run in the process computes alike.
         torch.set_flush_denormal(True)
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+        # what needs torch to check, checked before Lightning and MLflow are imported (2 s)
         hardware = resolve_hardware(cfg)
-        _quiet_lightning(hardware.gpu)
         if hardware.gpu:
             _check_memory(layers, cfg, gpu=True)
         optimizer, scheduler = optimizer_factories(cfg)
+
+        import lightning as L
+        import mlflow
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        from cnnstudy.data.batches import ImageDataModule
+        from cnnstudy.network.modules import build_network
+        from cnnstudy.run.classifier import Classifier, Throughput
+
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        _quiet_lightning(hardware.gpu)
         if not hardware.gpu and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
             # A CUDA build of torch on a machine without a GPU asks NVML for the device count
             # at every optimizer step (dlopen included): a quarter millisecond a step. With no
@@ -510,6 +517,8 @@ def main() -> None:
         )
         sys.exit(EXIT_USER_ERROR)
 
+
+cli = console_script(main)
 
 if __name__ == "__main__":
     main()
