@@ -130,15 +130,36 @@ def test_ui_links_to_the_runs_table_and_serves_on_localhost(tmp_path):
         server.wait(timeout=30)
 
 
-def test_ui_without_runs_says_what_to_do(tmp_path):
-    result = run_cli(
-        "cnnstudy-ui",
-        "--print-only",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
-    )
+def test_ui_without_runs_says_what_to_do_and_creates_no_store(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    result = run_cli("cnnstudy-ui", "--print-only", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "no such file" in result.stderr and "make demo" in result.stderr
+    assert not (tmp_path / "m.db").exists()
+    mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # a store, no runs
+    result = run_cli("cnnstudy-ui", "--print-only", "logger.experiment_name=x", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "no such experiment" in result.stderr and "make demo" in result.stderr
+
+
+def test_ui_on_a_taken_port_says_so_and_fails(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(uri).create_experiment("cnnstudy", artifact_location=f"{tmp_path}/a")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "cnnstudy-ui", "--port", str(port), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}
+        )
+    assert result.returncode == 2
+    assert f"--port {port}" in result.stderr and "--port 5001" in result.stderr
+
+
+def test_reproduce_creates_no_store_where_there_is_none(tmp_path):
+    result = run_cli("cnnstudy-reproduce", "0" * 32, cwd=tmp_path)
+    assert result.returncode == 2 and "no such file" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 if __name__ == "__main__":

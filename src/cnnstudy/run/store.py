@@ -93,8 +93,8 @@ def check_store(uri: str, create: bool = True) -> None:
             if not create:
                 raise ConfigError(
                     f"{_where(uri)}: no such file ({path}); nothing has been logged there yet. "
-                    "Point MLFLOW_TRACKING_URI or --tracking-uri at the store that holds "
-                    "your runs"
+                    "Train a run first (make demo), or point MLFLOW_TRACKING_URI (or "
+                    "--tracking-uri) at the store that holds your runs"
                 )
             _can_create(uri, path)
             return  # created by the run's first write, not by a check

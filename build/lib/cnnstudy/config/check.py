@@ -1,0 +1,267 @@
+"""Checks the types cannot express, then the architecture's arithmetic, before anything runs.
+
+`check(cfg)` raises a ConfigError naming key, value and what is valid, or returns the
+shape plan; it never changes `cfg`. `resolve(cfg)` is the copy a run trains from (a
+folder's class count filled in, data paths absolute). Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cnnstudy.config.schema import (
+    ACTIVATIONS,
+    DATASETS,
+    FITS,
+    POOLS,
+    PRECISIONS,
+    DataConfig,
+    LoggerConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from cnnstudy.errors import ConfigError
+from cnnstudy.redact import redact
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={_show(value, key)}: {why}")
+
+
+def _show(value: Any, key: str = "") -> str:
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value)
+    return str(redact(value, key.rsplit(".", 1)[-1]))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _at_least(cfg: DictConfig, section: str, key: str, low: float) -> None:
+    value = cfg[section][key]
+    if value < low:
+        _fail(f"{section}.{key}", value, f"must be at least {low}")
+
+
+def _share(cfg: DictConfig, section: str, key: str) -> None:
+    value = cfg[section][key]
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        _fail(f"{section}.{key}", value, "must be a fraction in [0, 1)")
+
+
+def _limit(cfg: DictConfig, key: str) -> None:
+    value = cfg.trainer[key]
+    if value is None:
+        return
+    if not _is_number(value):
+        _fail(f"trainer.{key}", value, "must be a number of batches (int), a share (float) or null")
+    skip = "training cannot be skipped" if key == "limit_train_batches" else "0 skips the stage"
+    low = 1 if key == "limit_train_batches" else 0
+    if isinstance(value, float) and not (0.0 < value <= 1.0 if low else 0.0 <= value <= 1.0):
+        _fail(f"trainer.{key}", value, f"a share of batches must be in ({low}, 1] ({skip})")
+    if isinstance(value, int) and value < low:
+        _fail(f"trainer.{key}", value, f"a number of batches must be at least {low} ({skip})")
+
+
+def _unknown_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=value` slip past the schema's struct check; catch them here."""
+    import difflib
+    from dataclasses import fields
+
+    sections = {
+        "": TrainConfig,
+        "model.": ModelConfig,
+        "data.": DataConfig,
+        "trainer.": TrainerConfig,
+        "logger.": LoggerConfig,
+    }
+    for prefix, schema in sections.items():
+        node = OmegaConf.select(cfg, prefix[:-1]) if prefix else cfg
+        valid = [f.name for f in fields(schema)]
+        for key in node:
+            if key not in valid and not (prefix == "" and key == "hydra"):
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f"did you mean {prefix}{close[0]}? " if close else ""
+                _fail(f"{prefix}{key}", node[key], f"unknown key; {hint}valid: {', '.join(valid)}")
+
+
+def _one_form(m: DictConfig, scalars: tuple[str, str], explicit: str, per: str, n: int) -> None:
+    """Layer sizes come from two scalar keys or from one explicit list, never both: a key
+    that cannot take effect is an error naming the key that would win."""
+    base, growth = scalars
+    given = [k for k in scalars if m[k] is not None]
+    if m[explicit] is not None:
+        if given:
+            _fail(
+                f"model.{given[0]}",
+                m[given[0]],
+                f"cannot take effect: model.{explicit}={_show(m[explicit])} sets every {per}. "
+                f"Give one form: model.{base}=null model.{growth}=null with the list, or "
+                f"model.{explicit}=null with model.{base} and model.{growth}",
+            )
+        if len(m[explicit]) != n:
+            _fail(f"model.{explicit}", m[explicit], f"needs one count per {per} ({n})")
+        if any(not isinstance(v, int) or v < 1 for v in m[explicit]):
+            _fail(f"model.{explicit}", m[explicit], "every count must be a whole number >= 1")
+        return
+    if len(given) < 2:
+        missing = [k for k in scalars if m[k] is None][0]
+        _fail(
+            f"model.{missing}",
+            None,
+            f"the {per} sizes need model.{base} and model.{growth}, or model.{explicit} (a list)",
+        )
+    if m[base] < 1:
+        _fail(f"model.{base}", m[base], "must be at least 1")
+    if not m[growth] > 0:
+        _fail(f"model.{growth}", m[growth], "must be positive (2 doubles, 1 keeps, 0.5 halves)")
+
+
+def _check_model(m: DictConfig) -> None:
+    if m.activation not in ACTIVATIONS:
+        _fail("model.activation", m.activation, f"valid: {', '.join(ACTIVATIONS)}")
+    if m.pool not in POOLS:
+        _fail("model.pool", m.pool, f"unknown pooling kind; valid: {', '.join(POOLS)}")
+    for key in ("stages", "hidden_layers"):
+        if m[key] < 0:
+            _fail(f"model.{key}", m[key], "must be at least 0")
+    for key in ("convs_per_stage", "receptive_field", "stride", "pool_size", "pool_stride"):
+        if m[key] < 1:
+            _fail(f"model.{key}", m[key], "must be at least 1")
+    _one_form(m, ("filters", "filter_growth"), "filters_per_stage", "stage", m.stages)
+    _one_form(
+        m, ("hidden_units", "hidden_growth"), "hidden_units_per_layer", "hidden layer", m.hidden_layers
+    )
+    for key in ("pool_dropout", "hidden_dropout"):
+        if not 0.0 <= m[key] < 1.0 or math.isnan(m[key]):
+            _fail(f"model.{key}", m[key], "must be a fraction in [0, 1)")
+    padding = m.padding
+    if isinstance(padding, bool) or not (
+        padding == "same" or (isinstance(padding, int) and padding >= 0)
+    ):
+        _fail("model.padding", padding, "must be a whole number >= 0 or 'same'")
+    if padding == "same" and m.stride != 1:
+        _fail(
+            "model.padding", padding, f"'same' needs model.stride=1 (got {m.stride}); give a number"
+        )
+
+
+def _check_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    if d.name not in DATASETS:
+        _fail("data.name", d.name, f"unknown dataset; valid: {', '.join(DATASETS)} (data=NAME)")
+    if d.name == "folder" and not d.path:
+        _fail("data.path", d.path, "data=folder needs the image folder: data.path=/some/images")
+    if d.fit not in FITS:
+        _fail("data.fit", d.fit, f"valid: {', '.join(FITS)}")
+    if d.bad_images not in ("error", "skip"):
+        _fail("data.bad_images", d.bad_images, "valid: error, skip")
+    for key in ("channels", "height", "width", "batch_size"):
+        _at_least(cfg, "data", key, 1)
+    _at_least(cfg, "data", "augment_shift", 0)
+    if d.channels not in (1, 3):
+        _fail("data.channels", d.channels, "images are read as grayscale (1) or RGB (3)")
+    if not (d.num_classes == 0 and d.name == "folder"):
+        _at_least(cfg, "data", "num_classes", 2)
+    for key in ("val_fraction", "test_fraction"):
+        _share(cfg, "data", key)
+    if d.val_fraction + d.test_fraction >= 1.0:
+        _fail(
+            "data.val_fraction",
+            d.val_fraction,
+            f"with data.test_fraction={d.test_fraction} leaves no training data",
+        )
+    for key in ("mean", "std"):
+        values = d[key]
+        if values and len(values) != d.channels:
+            _fail(f"data.{key}", values, f"needs one value per channel ({d.channels}) or []")
+    if any(s <= 0 for s in d.std):
+        _fail("data.std", d.std, "every standard deviation must be positive")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    _at_least(cfg, "trainer", "max_epochs", 1)
+    _at_least(cfg, "trainer", "num_threads", 0)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        _limit(cfg, key)
+    if t.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        _fail("trainer.accelerator", t.accelerator, "valid: auto, cpu, gpu, cuda, mps")
+    if t.precision not in PRECISIONS:
+        _fail("trainer.precision", t.precision, f"valid: {', '.join(PRECISIONS)}")
+    if t.channels_last not in ("auto", True, False):
+        _fail("trainer.channels_last", t.channels_last, "valid: auto, true, false")
+    devices = t.devices
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    one = (
+        devices in (1, "1", "auto")
+        or (isinstance(devices, list) and len(devices) == 1 and isinstance(devices[0], int))
+        or (isinstance(devices, str) and devices.rstrip(",").isdigit() and devices.endswith(","))
+    )
+    if isinstance(devices, bool) or not one:
+        _fail(
+            "trainer.devices",
+            devices,
+            "valid: 1, auto, or one device index as a list ([0]); a run trains in one process "
+            "(multi-process training, DDP, is not designed yet)",
+        )
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    optimizer = cfg.optimizer
+    if not isinstance(optimizer, DictConfig) or not optimizer.get("_target_"):
+        _fail("optimizer", optimizer, "must be a config with _target_ (optimizer=adam, adamw, sgd)")
+    target = optimizer._target_
+    if not isinstance(target, str) or not all(p.isidentifier() for p in target.split(".")):
+        _fail("optimizer._target_", target, "must be a dotted class path, e.g. torch.optim.Adam")
+    if "lr" in optimizer:
+        lr = optimizer.lr
+        if not _is_number(lr) or not lr > 0 or math.isinf(lr):
+            _fail("optimizer.lr", lr, "the learning rate must be a positive number, e.g. 0.01")
+    scheduler = cfg.scheduler
+    if scheduler is not None and (
+        not isinstance(scheduler, DictConfig) or "_target_" not in scheduler
+    ):
+        _fail(
+            "scheduler",
+            scheduler,
+            "must be a config with _target_ (scheduler=onecycle, cosine, none)",
+        )
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """The config a run trains from: a copy with a folder's class count filled in
+    (data.num_classes=0) and data paths made absolute, so the stored config reproduces
+    from any folder."""
+    from cnnstudy.data.files import count_classes
+
+    cfg = cfg.copy()
+    if cfg.data.name == "folder" and cfg.data.num_classes == 0 and cfg.data.path:
+        cfg.data.num_classes = count_classes(Path(cfg.data.path))
+    for key in ("root", "path", "cache_dir"):
+        if cfg.data[key]:
+            cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
+    return cfg
+
+
+def check(cfg: DictConfig) -> list:
+    """Check everything the types do not, then the architecture's arithmetic; raise
+    ConfigError, or return the shape plan (network.plan.Layer rows). `cfg` is unchanged."""
+    from cnnstudy.network.plan import plan
+
+    _unknown_keys(cfg)
+    _check_model(cfg.model)
+    _check_data(cfg)
+    _check_trainer(cfg)
+    _check_optimizer(cfg)
+    data = cfg.data
+    if data.name == "folder" and data.num_classes == 0:
+        data = resolve(cfg).data
+    return plan(cfg.model, data)

@@ -1,0 +1,41 @@
+"""Where the configs live, and composing them as the Hydra app does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cnnstudy.config import schema  # noqa: F401 -- registers train_schema with Hydra
+from cnnstudy.errors import ConfigError
+
+
+def config_dir() -> Path:
+    """conf/ as shipped inside the installed package (a wheel), else the checkout's top-level
+    conf/ (an editable install): both hold the same files."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "conf"
+    if (shipped / "train.yaml").is_file():
+        return shipped
+    return package.parents[1] / "conf"
+
+
+CONFIG_DIR = config_dir()
+
+
+def compose(overrides: list[str], config_dir: Path | str | None = None) -> DictConfig:
+    """Compose train.yaml with command-line style overrides, as the Hydra app does.
+    `config_dir`: a folder of the user's own, searched before cnnstudy's (--config-dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if config_dir is not None and not Path(config_dir).is_dir():
+        raise ConfigError(f"--config-dir {config_dir}: not a folder")
+    extra = [] if config_dir is None else [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose("train", overrides=[*overrides, *extra])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(str(err).strip()) from None

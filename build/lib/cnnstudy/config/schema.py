@@ -1,0 +1,124 @@
+"""The config schema: every design choice of a run, typed, with its default.
+
+Hydra composes `conf/train.yaml` on top of `TrainConfig`, so a key that is not
+declared here is an error, and a value of the wrong type is an error, before
+anything else runs. Range checks that types cannot express live in `check`.
+Defaults are stated here once; the files in conf/ hold what differs from them.
+This module imports only Hydra: describe and error paths stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "none")
+POOLS = ("max", "avg", "none")
+DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "folder")
+FITS = ("resize", "pad", "resize_pad")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+@dataclass
+class ModelConfig:
+    """The network. Conv stages are sized by `filters` and `filter_growth`, or by an explicit
+    `filters_per_stage` list with those two set to null; hidden layers likewise by
+    `hidden_units` and `hidden_growth`, or `hidden_units_per_layer`. One form at a time: a
+    key that could not take effect is an error, so a sweep over it always changes the
+    network. Grown counts round to the nearest whole number, halves up, at least 1."""
+
+    name: str = "seed_example"  # shown in run names and reports
+    stages: int = 1  # conv/pool stages; 0 makes a plain multilayer perceptron
+    convs_per_stage: int = 1  # conv layers before each pool
+    filters: int | None = 10  # filters in the first stage
+    filter_growth: float | None = 1.0  # x per stage: 2 ascending, 1 constant, 0.5 descending
+    filters_per_stage: list[int] | None = None  # explicit counts, with filters/growth null
+    receptive_field: int = 5  # F: side of each conv filter
+    stride: int = 1  # S: conv stride
+    padding: Any = 0  # P: zero padding on each side, or "same" (output size = input size)
+    activation: str = "relu"  # after each conv and hidden layer: relu, tanh, sigmoid, none
+    pool: str = "max"  # after each stage: max, avg, none
+    pool_size: int = 2
+    pool_stride: int = 2
+    pool_dropout: float = 0.0  # dropout after each pool
+    hidden_layers: int = 1  # fully connected layers before the output layer
+    hidden_units: int | None = 200  # units in the first hidden layer
+    hidden_growth: float | None = 1.0  # x per hidden layer (0.7: 120 -> 84)
+    hidden_units_per_layer: list[int] | None = None  # explicit, with units/growth null
+    hidden_dropout: float = 0.0  # dropout after each hidden layer
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits, mnist, fashion_mnist, kmnist, cifar10, folder
+    root: str = "data"  # torchvision datasets: the folder holding MNIST/raw, cifar-10-batches-py...
+    download: bool = False  # torchvision datasets: fetch missing files (needs the internet)
+    path: str = ""  # folder: one subfolder of images per class (torchvision's ImageFolder layout)
+    channels: int = 1  # input channels the network sees (images are converted: L or RGB)
+    height: int = 32
+    width: int = 32
+    fit: str = "resize"  # how images reach height x width: resize, pad (centre/crop), resize_pad
+    bad_images: str = (
+        "error"  # folder: unreadable files stop the run (error) or are left out (skip)
+    )
+    num_classes: int = 10  # 0: count the class folders (data=folder)
+    batch_size: int = 128
+    val_fraction: float = 0.1  # of the training pool, held out for validation
+    test_fraction: float = 0.2  # for datasets without a test split of their own
+    split_seed: int = 0  # the split depends on this seed only, not on the run's seed
+    # per-channel pixel mean and std (0-255); empty: computed on the training split
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    augment_shift: int = 0  # training batches: random translations of up to this many pixels
+    augment_flip: bool = False  # training batches: random horizontal flips (not for digits!)
+    cache_dir: str = ""  # decoded-data cache; empty: $CNNSTUDY_CACHE or ~/.cache/cnnstudy
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 3
+    accelerator: str = "auto"  # cpu, gpu, auto: as Lightning's Trainer
+    devices: Any = 1
+    precision: str = (
+        "auto"  # auto: bf16-mixed on GPUs with bf16, else 32-true; or Lightning's names
+    )
+    deterministic: bool = True  # bitwise reproducible on CPU; cnnstudy-reproduce relies on it
+    channels_last: Any = "auto"  # NHWC memory format; auto: on wherever the network has conv layers
+    limit_train_batches: Any = None  # int (batches) or float (share); None: all
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    progress_bar: bool = True
+    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    cpu_kernels: bool = True  # cnnstudy's vectorized CPU max pool where it builds; same results
+
+
+@dataclass
+class LoggerConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins over this
+    experiment_name: str = "cnnstudy"
+    artifact_location: str = "mlartifacts"  # for new experiments; relative paths start at the cwd
+    log_model: bool = True  # log the trained network (torch.export archive) to the run
+    run_name: str = ""  # empty: named after the overrides, i.e. what was varied
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optimizer: Any = None  # a _target_ config for torch.optim, instantiated with _partial_
+    scheduler: Any = None  # a _target_ config for torch.optim.lr_scheduler, or _target_: null
+    seed: int = 0
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register()
+
+

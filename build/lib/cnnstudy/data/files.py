@@ -1,0 +1,169 @@
+"""Where data lives on disk: the files torchvision's datasets read, and image folders in
+ImageFolder's layout (one subfolder per class). Plain Python: config checks and describe
+use it without importing torch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cnnstudy.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _images_in(folder: Path) -> Iterator[Path]:
+    for root, _, names in os.walk(folder, followlinks=True):
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                yield Path(root) / name
+
+
+def class_folders(path: Path) -> list[Path]:
+    """The class subfolders, sorted; a ConfigError when there are fewer than 2 or one is empty."""
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(
+            f"data.path={path}: not a folder; give a folder with one subfolder of images per class"
+        )
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        names = ", ".join(p.name for p in folders) or "none"
+        raise ConfigError(
+            f"data.path={path}: {len(folders)} class folder(s) found ({names}); a classifier "
+            "needs at least 2, one subfolder per class holding its images"
+        )
+    empty = [p.name for p in folders if next(_images_in(p), None) is None]
+    if empty:
+        raise ConfigError(
+            f"data.path={path}: class folder(s) with no images: {', '.join(empty)} "
+            f"(image files end in {', '.join(IMAGE_SUFFIXES)}); remove them or add images"
+        )
+    return folders
+
+
+def image_files(path: Path) -> list[tuple[Path, int]]:
+    """(file, class index) for every image file under the class folders, in a stable order."""
+    return [
+        (file, label)
+        for label, folder in enumerate(class_folders(path))
+        for file in sorted(_images_in(folder))
+    ]
+
+
+def count_classes(path: Path) -> int:
+    return len(class_folders(path))
+
+
+# ---------------------------------------------------------------------------- torchvision
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# name -> (torchvision class, folder under data.root, files torchvision reads there)
+TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw", _MNIST_FILES),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES),
+    "kmnist": ("KMNIST", "KMNIST/raw", _MNIST_FILES),
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        (
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+            "test_batch",
+            "batches.meta",
+        ),
+    ),
+}
+
+
+def expected_files(data: Any) -> list[Path]:
+    _, folder, files = TORCHVISION[data.name]
+    return [Path(data.root).expanduser().resolve() / folder / name for name in files]
+
+
+def missing_message(data: Any, why: str) -> str:
+    files = expected_files(data)
+    remedy = (
+        "check the connection, or download them elsewhere and copy them there"
+        if data.download
+        else "or set data.download=true where the internet is reachable"
+    )
+    return (
+        f"data={data.name}: {why}. Expected in {files[0].parent}: "
+        f"{', '.join(f.name for f in files)}. Put them there (data.root={data.root} is the "
+        f"folder above), point data.root at the folder that holds them, {remedy}."
+    )
+
+
+def idx_problem(path: Path) -> str | None:
+    """Why an IDX file (MNIST's format) is not whole, or None: its header gives the
+    dimensions, so its exact size is known before anything decodes it."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_ITEM:
+            return f"{size} bytes, not an IDX file (it starts with {head.hex() or 'nothing'})"
+        dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        return f"{size} bytes, shorter than its own header"
+    count = _IDX_ITEM[head[2]]
+    for i in range(head[3]):
+        count *= int.from_bytes(dims[4 * i : 4 * i + 4], "big")
+    expected = 4 + 4 * head[3] + count
+    if size != expected:
+        return f"{size:,} bytes where its header promises {expected:,}"
+    return None
+
+
+_IDX_ITEM = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # type code -> bytes
+
+
+def check_files(data: Any) -> None:
+    """Before anything heavy: the files a dataset needs are there and whole (IDX files by
+    their headers), or will be downloaded."""
+    if data.name in TORCHVISION and not data.download:
+        files = expected_files(data)
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(missing_message(data, f"{len(missing)} file(s) missing"))
+        if TORCHVISION[data.name][2] == _MNIST_FILES:
+            for file in files:
+                problem = idx_problem(file)
+                if problem:
+                    raise ConfigError(
+                        f"data={data.name}: {file} is damaged: {problem}. Replace it with the "
+                        f"published file (torchvision's {TORCHVISION[data.name][0]} mirrors; "
+                        f"MNIST's SHA256SUMS name each file's checksum), or delete it and run "
+                        "once with data.download=true where the internet is reachable"
+                    )
+    elif data.name == "folder":
+        class_folders(Path(data.path))
+
+
+def file_identity(data: Any) -> list[tuple[str, int, int]]:
+    """(path, size, whole-second mtime) of every file a dataset is read from: what the
+    decoded-data cache key checks for changes. Missing files count as size -1."""
+    if data.name in TORCHVISION:
+        files = expected_files(data)
+    elif data.name == "folder":
+        files = [file for file, _ in image_files(Path(data.path))]
+    else:
+        files = []
+    identity = []
+    for file in files:
+        try:
+            st = file.stat()
+            identity.append((str(file), st.st_size, int(st.st_mtime)))
+        except OSError:
+            identity.append((str(file), -1, -1))
+    return identity

@@ -1,0 +1,86 @@
+"""cnnstudy-ui: start the MLflow dashboard on 127.0.0.1 and print the link to the runs table.
+
+MLflow 3's UI opens on its GenAI overview; the link printed here goes straight to
+the experiment's runs table, where runs are compared side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cnnstudy.config.compose import compose
+from cnnstudy.errors import ConfigError, console_script, user_errors_exit
+from cnnstudy.run import store
+
+
+def _port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); another "
+                "program (an MLflow UI already running?) holds it. Give another: --port 5001"
+            ) from None
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cnnstudy-ui", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    parser.add_argument("--print-only", action="store_true", help="print the link, start nothing")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. logger.experiment_name=x"
+    )
+    args = parser.parse_args(argv)
+
+    cfg = compose(args.overrides)
+    uri = store.tracking_uri(cfg)
+    if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        raise ConfigError(
+            f"tracking URI {uri}: cnnstudy-ui serves a database store; "
+            "for an MLflow server, open its address instead"
+        )
+    store.check_store(uri, create=False)  # showing runs creates no store
+    if not args.print_only:
+        _port_free(args.host, args.port)
+
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name(cfg.logger.experiment_name)
+    if experiment is None:
+        raise ConfigError(
+            f"logger.experiment_name={cfg.logger.experiment_name}: no such experiment in {uri}; "
+            "train a run first (make demo)"
+        )
+    print(
+        f"MLflow runs of '{experiment.name}': "
+        f"http://{args.host}:{args.port}/#/experiments/{experiment.experiment_id}/runs",
+        flush=True,
+    )
+    if args.print_only:
+        return
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    os.execv(sys.executable, command)
+
+
+cli = console_script(main)
+
+if __name__ == "__main__":
+    main()

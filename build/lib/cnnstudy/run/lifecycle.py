@@ -1,0 +1,111 @@
+"""How a run ends when it does not finish: signals, and processes that died without a word.
+
+- SIGINT (Ctrl-C) and SIGTERM (a scheduler's timeout, `kill`) during a run raise
+  `Interrupted`: the run is marked KILLED in MLflow and the command exits 130 or 143, as
+  a shell reports a process killed by that signal (never 0: a scheduler must not see
+  success).
+- `kill -9`, a crash of the machine or an out-of-memory kill leave no chance to write:
+  each run records what identifies its process (host, pid, the process's start time and
+  the machine's boot id), and the next cnnstudy command that opens the same store marks
+  RUNNING runs whose process is gone as KILLED, with a tag saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cnnstudy.errors import Interrupted
+
+REASON_TAG = "cnnstudy.killed_reason"
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted inside the block (main thread only); a second
+    signal while the first is handled is ignored, so the run can still be marked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = (signal.SIGINT, signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in caught:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    saved = {s: signal.signal(s, handler) for s in caught}
+    try:
+        yield
+    finally:
+        for s, old in saved.items():
+            signal.signal(s, old)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks after boot (/proc/PID/stat, field 22): with
+    the pid, it names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {
+        "cnnstudy.host": socket.gethostname(),
+        "cnnstudy.pid": str(pid),
+        "cnnstudy.process_start": _start_ticks(pid) or "",
+        "cnnstudy.boot_id": _boot_id(),
+    }
+
+
+def gone(tags: dict[str, str]) -> str | None:
+    """Why the process that wrote these run tags is gone, or None: alive, or on another
+    machine (which this one cannot see)."""
+    if tags.get("cnnstudy.host") != socket.gethostname() or "cnnstudy.pid" not in tags:
+        return None
+    pid, started = int(tags["cnnstudy.pid"]), tags.get("cnnstudy.process_start", "")
+    if tags.get("cnnstudy.boot_id") and tags["cnnstudy.boot_id"] != _boot_id():
+        return f"process {pid} ran before this machine ({tags['cnnstudy.host']}) rebooted"
+    now = _start_ticks(pid)
+    if now is None:
+        return f"process {pid} on {tags['cnnstudy.host']} no longer exists"
+    if started and now != started:
+        return f"process {pid} on {tags['cnnstudy.host']} ended (its pid now names another)"
+    return None
+
+
+def mark_orphans(uri: str, by: str) -> list[str]:
+    """Mark KILLED every RUNNING run of this machine whose process is gone; their ids."""
+    import mlflow
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    marked = []
+    for run in client.search_runs(ids, "attributes.status = 'RUNNING'", max_results=5000):
+        why = gone(run.data.tags)
+        if why is None:
+            continue
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        client.set_tag(run.info.run_id, REASON_TAG, f"{why}; marked KILLED by {by} at {stamp}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        marked.append(run.info.run_id)
+    return marked
