@@ -43,7 +43,11 @@ def test_named_architectures(model, params):
 
 def test_weight_tensor_shows_how_channels_change():
     layers, _ = layers_of(
-        "model.stages=2", "model.filters_per_stage=[16,8]", "model.receptive_field=3"
+        "model.stages=2",
+        "model.filters_per_stage=[16,8]",
+        "model.filters=null",
+        "model.filter_growth=null",
+        "model.receptive_field=3",
     )
     assert layers["conv2"].weight_shape == (8, 16, 3, 3)
     assert layers["conv2"].weights_per_neuron == 16 * 9 + 1
@@ -62,6 +66,72 @@ def test_padding_same_keeps_size_and_growth_multiplies_filters():
     assert layers["conv2_2"].out_shape == (16, 16, 16)
     assert layers["conv3_1"].out_shape == (32, 8, 8)
     assert layers["pool3"].out_shape == (32, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("override", "filters", "hidden"),
+    [
+        ("model.filters=32", [32, 85], [120, 84]),
+        ("model.filter_growth=2", [6, 12], [120, 84]),
+        ("model.hidden_units=500", [6, 16], [500, 350]),
+        ("model.hidden_growth=1", [6, 16], [120, 120]),
+    ],
+)
+def test_every_scalar_key_of_lenet5_changes_its_network(override, filters, hidden):
+    """A sweep over any sizing key of a shipped model measures a different network."""
+    from cnnstudy.config.check import check
+    from cnnstudy.network.plan import hidden_sizes, stage_filters
+
+    cfg = compose(["model=lenet5", override])
+    layers = check(cfg)
+    assert (stage_filters(cfg.model), hidden_sizes(cfg.model)) == (filters, hidden)
+    assert totals(layers)["params"] != 61_706
+
+
+@pytest.mark.parametrize("model", ["seed_example", "lenet5", "mlp"])
+def test_shipped_models_are_sized_by_their_scalar_keys_only(model):
+    cfg = compose([f"model={model}"])
+    assert cfg.model.filters_per_stage is None and cfg.model.hidden_units_per_layer is None
+
+
+def test_grown_counts_round_halves_up():
+    from cnnstudy.network.plan import grown
+
+    assert grown(10, 0.5, 3) == [10, 5, 3]  # 2.5 -> 3, where round() gives 2
+    assert grown(10, 0.25, 3) == [10, 3, 1]  # 2.5 -> 3, 0.625 -> 1
+    assert grown(6, 2.6667, 2) == [6, 16]
+    assert grown(120, 0.7, 2) == [120, 84]  # 83.99999... in floats
+    assert grown(3, 0.1, 3) == [3, 1, 1]  # never below 1
+    assert grown(7, 1.5, 3) == [7, 11, 16]  # 10.5 -> 11, 15.75 -> 16
+
+
+def test_the_resolved_architecture_is_logged_as_params():
+    from cnnstudy.network.plan import architecture
+
+    cfg = compose(["model=lenet5"])
+    arch = architecture(plan(cfg.model, cfg.data))
+    assert arch == {
+        "network.conv_layers": "2",
+        "network.filters_per_stage": "[6, 16]",
+        "network.stage_outputs": '["14x14x6", "5x5x16"]',
+        "network.flat_features": "400",
+        "network.hidden_units_per_layer": "[120, 84]",
+        "network.params": "61706",
+        "network.connections": str(totals(plan(cfg.model, cfg.data))["connections"]),
+    }
+
+
+def test_check_does_not_change_the_config(tmp_path):
+    from cnnstudy.config.check import check
+
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"")
+    cfg = compose(["data=folder", f"data.path={tmp_path}"])
+    before = cfg.copy()
+    layers = check(cfg)
+    assert cfg == before and cfg.data.num_classes == 0
+    assert layers[-1].out_shape == (3,)  # one output per class folder
 
 
 def test_receptive_field_on_the_input_grows_with_depth():

@@ -70,6 +70,28 @@ def test_missing_files_offline_name_the_files_and_folder(tmp_path, name):
     assert "data.download=true" in message
 
 
+@pytest.mark.parametrize(
+    ("file", "damage", "words"),
+    [
+        ("train-labels-idx1-ubyte", "empty", ["0 bytes, not an IDX file"]),
+        ("train-images-idx3-ubyte", "truncate", ["bytes where its header promises 235,216"]),
+    ],
+)
+def test_damaged_idx_files_are_named_with_sizes_and_a_remedy(tmp_path, file, damage, words):
+    raw = write_idx(tmp_path)  # 300 training images: 16 + 300 * 28 * 28 = 235,216 bytes
+    path = raw / file
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:100_000])
+    result = run_cli("cnnstudy-train", "data=mnist", f"data.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert "Traceback" not in message and message.count("\n") == 0
+    assert f"{path} is damaged" in message
+    for word in words:
+        assert word in message
+    assert "download failed" not in message and "data.download=true" in message
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
 # ---------------------------------------------------------------- image folders
 
 

@@ -27,6 +27,24 @@ CASES = [
     (["optimizer.lr=0"], ["optimizer.lr=0", "positive"]),
     (["data.val_fraction=0.5", "data.test_fraction=0.5"], ["data.val_fraction=0.5", "no training"]),
     (["trainer.max_epochs=0"], ["trainer.max_epochs=0", "at least 1"]),
+    (["optimizer.lr=fast"], ["optimizer.lr=fast", "positive number"]),
+    (["optimizer.lr=null"], ["optimizer.lr=None", "positive number"]),
+    (["trainer.devices=banana"], ["trainer.devices=banana", "valid: 1, auto"]),
+    (["trainer.devices=3"], ["trainer.devices=3", "one process", "DDP"]),
+    (["trainer.limit_train_batches=0"], ["limit_train_batches=0", "cannot be skipped"]),
+    (
+        ["model=lenet5", "model.filters_per_stage=[8,16]"],
+        ["model.filters=6", "cannot take effect", "model.filters_per_stage=[8, 16]"],
+    ),
+    (
+        ["model.hidden_units_per_layer=[64]"],
+        ["model.hidden_units=200", "cannot take effect", "model.hidden_units=null"],
+    ),
+    (["model.filters=null"], ["model.filters=None", "model.filters_per_stage"]),
+    (
+        ["+logger.tag={api_token:abc123secret}"],
+        ["logger.tag={'api_token': '***'}", "did you mean logger.tags"],
+    ),
 ]
 
 
@@ -40,7 +58,52 @@ def test_invalid_config_is_one_clear_message(tmp_path, command, overrides, words
     assert message.startswith("cnnstudy: error: ") and message.count("\n") == 0
     for word in words:
         assert word in message
-    assert not (tmp_path / "mlflow.db").exists()
+    assert "abc123secret" not in message
+    assert list(tmp_path.iterdir()) == []  # no store, no outputs/ folder
+
+
+# (overrides, environment, words): found with torch (optimizer, accelerator) or by reading
+# a file or the store, still before the data is loaded and before an MLflow run exists
+TRAIN_CASES = [
+    (["+optimizer.betas=[0.9]"], {}, ["optimizer._target_=torch.optim.Adam", "betas", "IndexError"]),
+    (["optimizer._target_=torch.optim.Bogus"], {}, ["torch.optim.Bogus", "No module named"]),
+    (["+optimizer.momentum=0.9"], {}, ["Adam", "unexpected keyword argument 'momentum'"]),
+    (["scheduler.pct_start=7"], {}, ["scheduler._target_=torch.optim.lr_scheduler.OneCycleLR"]),
+    (["model.hidden_units=100000000"], {}, ["fc1", "100000000x1960", "GiB", "data.batch_size"]),
+    (
+        ["logger.tracking_uri=postgresql://user:s3cr3t@127.0.0.1:1/db"],
+        {},
+        ["postgresql://user:***@127.0.0.1:1/db", "driver"],
+    ),
+    ([], {"MLFLOW_TRACKING_URI": "sqlite:////proc/x.db"}, ["sqlite:////proc/x.db", "cannot create"]),
+    (["logger.tracking_uri=http://127.0.0.1:1"], {}, ["nothing answers at 127.0.0.1:1"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "words"), TRAIN_CASES, ids=[" ".join(c[0]) or str(c[1]) for c in TRAIN_CASES]
+)
+def test_train_refuses_before_any_run_exists(tmp_path, overrides, env, words):
+    result = run_cli("cnnstudy-train", "trainer=smoke", *overrides, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    message = result.stderr.strip()
+    assert message.startswith("cnnstudy: error: ") and message.count("\n") == 0, message
+    for word in words:
+        assert word in message
+    assert "s3cr3t" not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == []  # no store, no outputs/ folder, no run
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("cnnstudy-train", "trainer.accelerator=gpu", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "trainer.accelerator=gpu: torch sees no CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

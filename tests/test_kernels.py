@@ -188,6 +188,34 @@ def test_without_a_compiler_the_build_says_why_and_torch_pools(monkeypatch, tmp_
     if "x86-64" in done.status or "Linux" in done.status or "OpenMP" in done.status:
         pytest.skip(done.status)
     assert "no C compiler" in done.status
+    _torch_pools_when_the_kernels_are_missing(monkeypatch, done)
+
+
+def _torch_pools_when_the_kernels_are_missing(monkeypatch, done) -> None:
+    """With no library, the network runs torch's own max pool and conv: nothing of ours."""
+    monkeypatch.setattr(kernels, "_build", done)
+    layers = plan(compose([]).model, compose([]).data)
+    net = build_network(layers).to(memory_format=CL)
+    image = torch.randn(3, 1, 32, 32).contiguous(memory_format=CL)
+    torch_pool = []
+    monkeypatch.setattr(
+        torch.nn.functional, "max_pool2d", _spy(torch.nn.functional.max_pool2d, torch_pool)
+    )
+    assert not _uses(monkeypatch, kernels._ConvMaxPool, net, image)
+    assert not _uses(monkeypatch, kernels._MaxPool, net, image)
+    monkeypatch.setattr(
+        torch.nn.functional, "max_pool2d", _spy(torch.nn.functional.max_pool2d, torch_pool)
+    )
+    net(image)
+    assert torch_pool  # nn.MaxPool2d.forward ran torch's max pool
+
+
+def _spy(function, calls: list):
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return spy
 
 
 def test_a_failed_compile_is_reported_and_remembered_not_retried(monkeypatch, tmp_path):
@@ -218,3 +246,71 @@ def test_a_cache_folder_that_cannot_be_written_leaves_torchs_kernels(monkeypatch
     done = kernels._load()
     assert done.library is None
     assert done.status.startswith("not built: ") and "not-a-folder" in done.status
+    _torch_pools_when_the_kernels_are_missing(monkeypatch, done)
+
+
+_TEAM_SCRIPT = """
+import sys
+import torch
+from cnnstudy.network import cpu_kernels as kernels
+from cnnstudy.network.cpu_kernels import PoolMax2d
+assert kernels.build().library is not None, kernels.build().status
+torch.manual_seed(0)
+conv = torch.nn.Conv2d(1, 10, 5).to(memory_format=torch.channels_last)
+pool = PoolMax2d(2, 2)
+x = torch.randn(64, 1, 32, 32).contiguous(memory_format=torch.channels_last)
+grad = torch.randn(64, 10, 14, 14)
+grads = [
+    torch.autograd.grad(kernels.conv_max_pool(conv, pool, x, True), conv.weight, grad)[0]
+    for _ in range(3)
+]
+torch.save({"grads": grads, "state": conv.state_dict(), "x": x, "grad": grad}, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("env", [{"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true"}])
+def test_fused_backward_sums_only_the_threads_that_ran(built, env, tmp_path):
+    """OpenMP may run fewer threads than omp_get_max_threads(): the weight gradient must
+    still be torch's, and the same on every call (no sums of buffers nobody wrote).
+    (Under OMP_THREAD_LIMIT=1 torch's own conv backward hangs on this machine: the
+    reference is computed here, outside that setting.)"""
+    import os
+    import subprocess
+    import sys
+
+    saved = tmp_path / "grads.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", _TEAM_SCRIPT, str(saved)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(saved, weights_only=True)
+    assert all(torch.equal(g, got["grads"][0]) for g in got["grads"])
+    conv = torch.nn.Conv2d(1, 10, 5).to(memory_format=CL)
+    conv.load_state_dict(got["state"])
+    out = torch.relu(torch.nn.functional.max_pool2d(conv(got["x"]), 2, 2))
+    (ref,) = torch.autograd.grad(out, conv.weight, got["grad"])
+    # sums of 64 x 14 x 14 terms of up to ~400 in another order: float rounding, relative
+    # to the gradient's size (the bug this guards against gave values around 1e38)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(got["grads"][0], ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_a_kernel_file_another_user_could_write_is_not_loaded(built, monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("CNNSTUDY_CACHE", str(tmp_path / "cache"))
+    first = kernels._load()
+    assert first.library is not None and first.status == "built"
+    (library,) = (tmp_path / "cache" / "kernels").glob("*.so")
+    os.chmod(library, 0o777)  # anyone may replace the code this process would run
+    refused = kernels._load()
+    assert refused.library is None
+    assert "not loaded" in refused.status and "writable by group or others" in refused.status
+    os.chmod(library, 0o755)
+    os.chmod(tmp_path / "cache" / "kernels", 0o777)
+    refused = kernels._load()
+    assert refused.library is None and "kernels is writable" in refused.status
