@@ -49,6 +49,12 @@ def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path,
     second = train(cfg)
 
     assert first.run_id != second.run_id
+    client = mlflow.MlflowClient(first.tracking_uri)
+    runs = [client.get_run(r.run_id) for r in (first, second)]
+    # each run says where its own data came from, and how long that took
+    assert runs[0].data.tags["cnnstudy.data_loaded_from"] in ("decoded", "cache")
+    assert runs[1].data.tags["cnnstudy.data_loaded_from"] == "memory"
+    assert runs[1].data.metrics["time/data_load_s"] < runs[0].data.metrics["time/data_load_s"]
     assert {k: v for k, v in first.metrics.items() if not is_timing(k)} == {
         k: v for k, v in second.metrics.items() if not is_timing(k)
     }
@@ -61,9 +67,13 @@ def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path,
 
 
 def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
-    _, runs = train_cli(
-        tmp_path, "-m", "trainer=smoke", "model.receptive_field=3,7", "logger.log_model=false"
-    )
+    result, runs = train_cli(tmp_path, "-m", "trainer=smoke", "model.receptive_field=3,7")
+    # every job alike: logging the first job's model imports pytorch_lightning, which used to
+    # move Lightning's messages past cnnstudy's filter for the jobs after it
+    printed = result.stdout + result.stderr
+    assert printed.count("`Trainer.fit` stopped") == 2
+    for noise in ("GPU available", "TPU available", "litlogger", "estimate number of stepping"):
+        assert noise not in printed, noise
     assert sorted(r.data.params["model.receptive_field"] for r in runs) == ["3", "7"]
     assert sorted(r.data.metrics["model/params"] for r in runs) == [
         10 * 50 + (13 * 13 * 10 + 1) * 200 + 2010,
@@ -73,6 +83,10 @@ def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
         "seed_example trainer=smoke model.receptive_field=3",
         "seed_example trainer=smoke model.receptive_field=7",
     }
+    assert sorted(r.data.params["network.stage_outputs"] for r in runs) == [
+        '["13x13x10"]',
+        '["15x15x10"]',
+    ]
 
 
 def _free_port() -> int:
@@ -216,3 +230,33 @@ def test_bf16_mixed_precision_trains_through_the_precision_plugin(tmp_path, monk
     cfg.trainer.precision = "32-true"
     full = train(cfg)
     assert full.metrics["train/loss"] != result.metrics["train/loss"]  # bf16 really ran
+
+
+def test_the_progress_bar_shows_loss_and_accuracy_not_a_version(tmp_path, monkeypatch):
+    from cnnstudy.run import train as run_train
+
+    shown: list[dict] = []
+    make = run_train._progress_bar
+
+    def watched():
+        bar = make()
+        original = bar.get_metrics
+        bar.get_metrics = lambda *args: shown.append(original(*args)) or shown[-1]
+        return bar
+
+    monkeypatch.setattr(run_train, "_progress_bar", watched)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose(
+        [
+            "trainer=smoke",
+            "trainer.progress_bar=true",
+            "trainer.max_epochs=2",  # per-epoch metrics: the second epoch shows the first's
+            f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"logger.artifact_location={tmp_path}/a",
+            "logger.log_model=false",
+        ]
+    )
+    run_train.train(cfg)
+    seen = set().union(*shown)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= seen
+    assert "v_num" not in seen

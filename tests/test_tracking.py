@@ -39,3 +39,31 @@ def test_flatten_uses_dotted_keys():
         "model.list": "[1, 2]",
         "e": "{}",
     }
+
+
+def test_hydra_escaped_overrides_are_redacted_too():
+    escaped = "logger.tracking_uri=postgresql\\://u\\:s3cr3tpw@127.0.0.1\\:1/db"
+    assert "s3cr3tpw" not in redact_text(escaped)
+    assert redact_text("logger.tag={'api_token': 'abc123secret'}") == (
+        "logger.tag={'api_token': '***'}"
+    )
+
+
+def test_no_secret_reaches_the_terminal_in_a_multirun(tmp_path):
+    """Hydra's launch lines, each job's error and cnnstudy's summary of failed jobs."""
+    from .conftest import run_cli
+
+    result = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "trainer=smoke",
+        "+logger.tags.api_token=abc123secret",
+        "logger.tracking_uri=postgresql://u:s3cr3tpw@127.0.0.1:1/db",
+        "model.receptive_field=3,5",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    seen = result.stdout + result.stderr
+    assert "#1 : " in seen and "2 job(s) of the sweep had config errors" in seen
+    assert "s3cr3tpw" not in seen and "abc123secret" not in seen
+    assert "postgresql://u:***@127.0.0.1:1/db" in seen

@@ -9,7 +9,10 @@ from typing import Any
 
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(?P<pw>[^@\s/]+)(?=@)")
+# scheme://user:PASSWORD@host, also as Hydra prints overrides (scheme\://user\:PASSWORD@)
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*\\?://[^/\s:@\\]*\\?:)(?P<pw>[^@\s/]+)(?=@)"
+)
 _QUERY_SECRET = re.compile(
     r"(?P<head>[?&][^=&\s]*(?:password|passwd|secret|token|api[_-]?key)[^=&\s]*=)(?P<pw>[^&\s]+)",
     re.IGNORECASE,

@@ -112,17 +112,17 @@ def _quiet_lightning(gpu: bool) -> None:
     """One console line per Lightning message, none advertising its cloud logger, and on a
     CPU run none about accelerators that are not there.
 
-    Lightning's rank-zero messages go through `lightning.fabric.utilities.rank_zero.log`,
+    Lightning's rank-zero messages go through `lightning_utilities.core.rank_zero.log`,
     which the last of `lightning.pytorch` and `pytorch_lightning` to be imported points at
     its own logger (MLflow's model logging imports pytorch_lightning): pointed back, every
     run, so the filter applies to every run in a process.
     """
     import logging
 
-    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
+    from lightning_utilities.core import rank_zero as shared_rank_zero
 
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    fabric_rank_zero.log = rank_zero
+    shared_rank_zero.log = rank_zero
     root_handled = logging.getLogger().hasHandlers()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         package_logger = logging.getLogger(name)
