@@ -72,10 +72,11 @@ def training_flops_per_image(layers) -> float:
 def load_time(overrides: list[str]) -> tuple[float, bool]:
     """Seconds for load_splits in a fresh process, and whether it came from the cache."""
     code = (
-        "import time\nfrom cnnstudy.config.compose import compose\nfrom cnnstudy.data.splits import load_splits\n"
+        "import time\nfrom cnnstudy.config.compose import compose\n"
+        "from cnnstudy.data.splits import load_splits\n"
         f"cfg = compose({overrides!r})\n"
         "start = time.perf_counter()\ns = load_splits(cfg.data)\n"
-        "print(time.perf_counter() - start, s.from_cache)\n"
+        "print(time.perf_counter() - start, s.loaded_from == 'cache')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     seconds, cached = out.stdout.split()[-2:]
@@ -150,9 +151,9 @@ def main() -> None:
 
     import torch
 
-    from cnnstudy.network.plan import plan
     from cnnstudy.config.compose import compose
     from cnnstudy.data.batches import ImageDataModule
+    from cnnstudy.network.plan import plan
     from cnnstudy.run.train import resolve_hardware, train
 
     device = "cuda" if args.accelerator == "gpu" else "cpu"

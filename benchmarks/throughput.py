@@ -232,9 +232,9 @@ def main() -> None:
 
     import torch
 
-    from cnnstudy.network.plan import plan
     from cnnstudy.config.compose import compose
     from cnnstudy.data.batches import ImageDataModule
+    from cnnstudy.network.plan import plan
 
     with tempfile.TemporaryDirectory() as store:
         cfg = compose(run_overrides(Path(store), args.epochs, args.batch_size, args.channels_last))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cnnstudy.network.plan import plan, totals
 from cnnstudy.config.compose import compose
+from cnnstudy.network.plan import plan, totals
 
 from .conftest import run_cli
 

@@ -78,9 +78,7 @@ def test_a_signal_during_training_marks_the_run_killed_and_exits_128_plus_it(
     tmp_path, signum, code
 ):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = _start(
-        tmp_path, uri, "trainer.limit_train_batches=null", "trainer.max_epochs=200"
-    )
+    proc = _start(tmp_path, uri, "trainer.limit_train_batches=null", "trainer.max_epochs=200")
     run_id = _wait_for_run(uri, proc)
     proc.send_signal(signum)
     out = proc.communicate(timeout=60)[0]
@@ -93,9 +91,7 @@ def test_a_signal_during_training_marks_the_run_killed_and_exits_128_plus_it(
 
 def test_a_run_killed_with_sigkill_is_marked_killed_by_the_next_command(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = _start(
-        tmp_path, uri, "trainer.limit_train_batches=null", "trainer.max_epochs=200"
-    )
+    proc = _start(tmp_path, uri, "trainer.limit_train_batches=null", "trainer.max_epochs=200")
     run_id = _wait_for_run(uri, proc)
     tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
     assert tags["cnnstudy.pid"] == str(proc.pid) and tags["cnnstudy.host"]

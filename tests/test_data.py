@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cnnstudy.config.compose import compose
-from cnnstudy.errors import ConfigError
 from cnnstudy.data.batches import shift_and_flip
-from cnnstudy.data.splits import channel_stats, decode_key, load_splits
 from cnnstudy.data.sources import fit
+from cnnstudy.data.splits import channel_stats, decode_key, load_splits
+from cnnstudy.errors import ConfigError
 
 from .conftest import run_cli, train_cli
 from .datamaker import write_folder, write_idx
@@ -213,7 +213,8 @@ def test_decoded_data_is_cached_outside_the_data_root(tmp_path):
     cache = tmp_path / "cache"
     args = ("data=mnist", f"data.root={tmp_path}/root", f"data.cache_dir={cache}")
     code = (
-        "from cnnstudy.config.compose import compose\nfrom cnnstudy.data.splits import load_splits\n"
+        "from cnnstudy.config.compose import compose\n"
+        "from cnnstudy.data.splits import load_splits\n"
         f"s = load_splits(compose({list(args)!r}).data)\n"
         f"again = load_splits(compose({list(args)!r}).data)\n"
         "print('FROM', s.loaded_from, again.loaded_from, s.fingerprint)\n"

@@ -65,7 +65,11 @@ def test_invalid_config_is_one_clear_message(tmp_path, command, overrides, words
 # (overrides, environment, words): found with torch (optimizer, accelerator) or by reading
 # a file or the store, still before the data is loaded and before an MLflow run exists
 TRAIN_CASES = [
-    (["+optimizer.betas=[0.9]"], {}, ["optimizer._target_=torch.optim.Adam", "betas", "IndexError"]),
+    (
+        ["+optimizer.betas=[0.9]"],
+        {},
+        ["optimizer._target_=torch.optim.Adam", "betas", "IndexError"],
+    ),
     (["optimizer._target_=torch.optim.Bogus"], {}, ["torch.optim.Bogus", "No module named"]),
     (["+optimizer.momentum=0.9"], {}, ["Adam", "unexpected keyword argument 'momentum'"]),
     (["scheduler.pct_start=7"], {}, ["scheduler._target_=torch.optim.lr_scheduler.OneCycleLR"]),
@@ -75,13 +79,19 @@ TRAIN_CASES = [
         {},
         ["postgresql://user:***@127.0.0.1:1/db", "driver"],
     ),
-    ([], {"MLFLOW_TRACKING_URI": "sqlite:////proc/x.db"}, ["sqlite:////proc/x.db", "cannot create"]),
+    (
+        [],
+        {"MLFLOW_TRACKING_URI": "sqlite:////proc/x.db"},
+        ["sqlite:////proc/x.db", "cannot create"],
+    ),
     (["logger.tracking_uri=http://127.0.0.1:1"], {}, ["nothing answers at 127.0.0.1:1"]),
 ]
 
 
 @pytest.mark.parametrize(
-    ("overrides", "env", "words"), TRAIN_CASES, ids=[" ".join(c[0]) or str(c[1]) for c in TRAIN_CASES]
+    ("overrides", "env", "words"),
+    TRAIN_CASES,
+    ids=[" ".join(c[0]) or str(c[1]) for c in TRAIN_CASES],
 )
 def test_train_refuses_before_any_run_exists(tmp_path, overrides, env, words):
     result = run_cli("cnnstudy-train", "trainer=smoke", *overrides, cwd=tmp_path, env=env)

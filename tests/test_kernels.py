@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnstudy.network import cpu_kernels as kernels
-from cnnstudy.network.plan import plan
 from cnnstudy.config.compose import compose
+from cnnstudy.network import cpu_kernels as kernels
 from cnnstudy.network.cpu_kernels import PoolMax2d
 from cnnstudy.network.modules import build_network
+from cnnstudy.network.plan import plan
 
 CL = torch.channels_last
 

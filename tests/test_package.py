@@ -35,7 +35,11 @@ def installed(tmp_path_factory) -> dict:
     # not its editable cnnstudy: a plain path line, whose .pth files are not run
     site = Path(
         subprocess.run(
-            [str(env_dir / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+            [
+                str(env_dir / "bin" / "python"),
+                "-c",
+                "import site; print(site.getsitepackages()[0])",
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -112,7 +116,11 @@ def test_describe_takes_a_config_dir_of_your_own(installed, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "my_net" in done.stdout
     described = _run(
-        installed, "cnnstudy-describe", "--json", "--config-dir", str(tmp_path / "my_conf"),
+        installed,
+        "cnnstudy-describe",
+        "--json",
+        "--config-dir",
+        str(tmp_path / "my_conf"),
         "model=my_net",
     )
     assert '"params": ' + str(16 * 26 + (14 * 14 * 16 + 1) * 64 + 65 * 10) in described.stdout

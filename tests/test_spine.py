@@ -151,7 +151,9 @@ def test_ui_without_runs_says_what_to_do_and_creates_no_store(tmp_path):
     assert "no such file" in result.stderr and "make demo" in result.stderr
     assert not (tmp_path / "m.db").exists()
     mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # a store, no runs
-    result = run_cli("cnnstudy-ui", "--print-only", "logger.experiment_name=x", cwd=tmp_path, env=env)
+    result = run_cli(
+        "cnnstudy-ui", "--print-only", "logger.experiment_name=x", cwd=tmp_path, env=env
+    )
     assert result.returncode == 2
     assert "no such experiment" in result.stderr and "make demo" in result.stderr
 

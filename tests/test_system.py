@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cnnstudy.network.plan import plan
 from cnnstudy.config.compose import compose
 from cnnstudy.network.modules import FlattenHWC, build_network
+from cnnstudy.network.plan import plan
 from cnnstudy.run.classifier import Classifier, Totals, classify
 
 

@@ -84,9 +84,9 @@ def test_run_holds_the_trained_model(trained):
     import numpy as np
     import torch
 
-    from cnnstudy.network.plan import plan
     from cnnstudy.config.compose import compose
     from cnnstudy.network.modules import build_network
+    from cnnstudy.network.plan import plan
 
     run = trained["run"]
     (logged,) = mlflow.search_logged_models(
@@ -150,15 +150,38 @@ def test_reproduce_matches_then_detects_a_changed_metric(trained):
         assert metric in ok.stdout
 
     db = uri.removeprefix("sqlite:///")
+
+    def shift(by: float) -> None:
+        with sqlite3.connect(db) as con:
+            for table in ("metrics", "latest_metrics"):
+                con.execute(
+                    f"update {table} set value = value + ? where run_uuid = ? and key = 'test/acc'",
+                    (by, run_id),
+                )
+
     with sqlite3.connect(db) as con:
-        for table in ("metrics", "latest_metrics"):
-            con.execute(
-                f"update {table} set value = value + 0.001 where run_uuid = ? and key = 'test/acc'",
-                (run_id,),
-            )
-    bad = run_cli(
-        "cnnstudy-reproduce", run_id, "--no-progress", cwd=where, env={"MLFLOW_TRACKING_URI": uri}
-    )
+        saved = {
+            table: con.execute(
+                f"select value from {table} where run_uuid = ? and key = 'test/acc'", (run_id,)
+            ).fetchone()[0]
+            for table in ("metrics", "latest_metrics")
+        }
+    shift(0.001)
+    try:
+        bad = run_cli(
+            "cnnstudy-reproduce",
+            run_id,
+            "--no-progress",
+            cwd=where,
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
+    finally:  # the later tests reproduce the same run: its values exactly as they were
+        with sqlite3.connect(db) as con:
+            for table, value in saved.items():
+                con.execute(
+                    f"update {table} set value = ? where run_uuid = ? and key = 'test/acc'",
+                    (value, run_id),
+                )
     assert bad.returncode == 1
     assert "MISMATCH in 1 metric(s): test/acc" in bad.stdout
 
@@ -172,3 +195,89 @@ def test_reproduce_unknown_run_is_a_clear_error(trained):
     )
     assert result.returncode == 2
     assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_records_the_network_that_trained_and_its_process(trained):
+    run = trained["run"]
+    params, tags = run.data.params, run.data.tags
+    assert params["network.filters_per_stage"] == "[10]"
+    assert params["network.stage_outputs"] == '["15x15x10"]'  # 3x3 conv on 32: 30, pooled 15
+    assert params["network.hidden_units_per_layer"] == "[200]"
+    assert params["network.params"] == str(int(run.data.metrics["model/params"]))
+    assert (
+        tags["cnnstudy.pid"].isdigit() and tags["cnnstudy.host"] and tags["cnnstudy.process_start"]
+    )
+    assert tags["cnnstudy.torch_threads"].isdigit()
+
+
+def test_reproduce_uses_the_recorded_thread_count(trained):
+    """The fused kernel's weight gradient depends on the thread count: reproduce trains
+    with the one recorded, whatever this process's default (here 1 via OMP_NUM_THREADS)."""
+    run = trained["run"]
+    then = run.data.tags["cnnstudy.torch_threads"]
+    done = run_cli(
+        "cnnstudy-reproduce",
+        run.info.run_id,
+        "--no-progress",
+        cwd=trained["where"],
+        env={"MLFLOW_TRACKING_URI": trained["uri"], "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = trained["client"]
+    (again,) = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`cnnstudy.reproduces` = '{run.info.run_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert again.data.tags["cnnstudy.torch_threads"] == then
+    assert again.data.params["trainer.num_threads"] == then
+
+
+def test_reproduce_reads_and_writes_the_store_it_is_given(trained, tmp_path):
+    other = f"sqlite:///{tmp_path}/other.db"
+    done = run_cli(
+        "cnnstudy-reproduce",
+        trained["run"].info.run_id,
+        "--no-progress",
+        "--tracking-uri",
+        trained["uri"],
+        cwd=trained["where"],
+        env={"MLFLOW_TRACKING_URI": other},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "other.db").exists()
+    runs = trained["client"].search_runs(
+        [trained["run"].info.experiment_id],
+        f"tags.`cnnstudy.reproduces` = '{trained['run'].info.run_id}'",
+    )
+    assert runs and all(r.data.params["logger.tracking_uri"] == trained["uri"] for r in runs)
+
+
+def test_reproduce_checks_the_data_before_training(trained):
+    run_id, uri = trained["run"].info.run_id, trained["uri"]
+    client = trained["client"]
+    before = len(client.search_runs([trained["run"].info.experiment_id]))
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as con:
+        con.execute(
+            "update tags set value = 'feedfacefeedface' where run_uuid = ? and key = ?",
+            (run_id, "cnnstudy.data_fingerprint"),
+        )
+    try:
+        done = run_cli(
+            "cnnstudy-reproduce", run_id, cwd=trained["where"], env={"MLFLOW_TRACKING_URI": uri}
+        )
+    finally:
+        with sqlite3.connect(uri.removeprefix("sqlite:///")) as con:
+            con.execute(
+                "update tags set value = ? where run_uuid = ? and key = ?",
+                (
+                    trained["run"].data.tags["cnnstudy.data_fingerprint"],
+                    run_id,
+                    "cnnstudy.data_fingerprint",
+                ),
+            )
+    assert done.returncode == 1
+    assert "data: DIFFERENT (fingerprint feedfacefeedface then" in done.stdout
+    assert "not trained again" in done.stdout
+    assert len(client.search_runs([trained["run"].info.experiment_id])) == before

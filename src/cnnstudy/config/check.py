@@ -136,7 +136,11 @@ def _check_model(m: DictConfig) -> None:
             _fail(f"model.{key}", m[key], "must be at least 1")
     _one_form(m, ("filters", "filter_growth"), "filters_per_stage", "stage", m.stages)
     _one_form(
-        m, ("hidden_units", "hidden_growth"), "hidden_units_per_layer", "hidden layer", m.hidden_layers
+        m,
+        ("hidden_units", "hidden_growth"),
+        "hidden_units_per_layer",
+        "hidden layer",
+        m.hidden_layers,
     )
     for key in ("pool_dropout", "hidden_dropout"):
         if not 0.0 <= m[key] < 1.0 or math.isnan(m[key]):

@@ -33,7 +33,9 @@ def compose(overrides: list[str], config_dir: Path | str | None = None) -> DictC
 
     if config_dir is not None and not Path(config_dir).is_dir():
         raise ConfigError(f"--config-dir {config_dir}: not a folder")
-    extra = [] if config_dir is None else [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
+    extra = (
+        [] if config_dir is None else [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
+    )
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             return hydra_compose("train", overrides=[*overrides, *extra])

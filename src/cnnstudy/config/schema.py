@@ -120,5 +120,3 @@ def register() -> None:
 
 
 register()
-
-

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from cnnstudy.data.splits import Split, Splits, load_splits
 
+
 def shift_and_flip(
     x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator
 ) -> torch.Tensor:

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from cnnstudy.errors import ConfigError
 from cnnstudy.data.files import (
     TORCHVISION,
     class_folders,
@@ -23,6 +22,7 @@ from cnnstudy.data.files import (
     image_files,
     missing_message,
 )
+from cnnstudy.errors import ConfigError
 
 
 @dataclass

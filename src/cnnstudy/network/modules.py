@@ -7,8 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cnnstudy.network.plan import Layer
 from cnnstudy.network.cpu_kernels import PoolMax2d, conv_max_pool
+from cnnstudy.network.plan import Layer
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 

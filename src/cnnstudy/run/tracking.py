@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnstudy.redact import override_secret, redact, redact_text
 
+
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain data, secrets redacted: what MLflow sees."""
     return redact(OmegaConf.to_container(cfg, resolve=True))
