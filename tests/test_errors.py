@@ -147,8 +147,8 @@ def test_a_typo_in_a_config_file_names_the_key(tmp_path):
     ("module", "argv"),
     [
         ("cnnstudy.run.train", ["model.stride=0"]),
-        ("cnnstudy.network.describe", ["model.stride=0"]),
-        ("cnnstudy.network.describe", []),
+        ("cnnstudy.describe", ["model.stride=0"]),
+        ("cnnstudy.describe", []),
     ],
 )
 def test_checking_a_config_imports_no_heavy_library(module, argv):

@@ -103,8 +103,8 @@ def record_setup(
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
 
-    from cnnstudy.network.describe import describe, render
     from cnnstudy.network.plan import architecture, totals
+    from cnnstudy.network.table import describe, render
     from cnnstudy.run.store import serialized
 
     config = plain_config(cfg)
