@@ -4,6 +4,7 @@ folder outside the checkout, as a SLURM or cloud worker would."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict:
     where = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what the wheel is made of: setuptools writes build/ beside it
+    source = where / "source"
+    skip = shutil.ignore_patterns("*.egg-info", "__pycache__")
+    for folder in ("src", "conf"):
+        shutil.copytree(REPO / folder, source / folder, ignore=skip)
+    for file in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / file, source / file)
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation"]
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation"]
         + ["-w", str(where / "dist"), "-q"],
         capture_output=True,
         text=True,
