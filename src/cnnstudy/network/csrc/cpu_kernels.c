@@ -15,7 +15,7 @@
  *
  * Parallel with OpenMP: built against the libgomp torch has loaded, the kernels share
  * torch's threads and torch.set_num_threads. Deterministic for a given thread count.
- * cnnstudy compiles this file on first use (cnnstudy/kernels.py) with -march=native.
+ * cnnstudy compiles this file on first use (cnnstudy/network/cpu_kernels.py) with -march=native.
  */
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
 #error "cnnstudy's CPU kernels need AVX-512 (F, BW, VL); torch's own kernels are used instead"
