@@ -2,7 +2,7 @@
 
 Each source returns a `Decoded`: every image brought to the configured channels x
 height x width as uint8, with labels, the official test split where the dataset
-has one, and a record of what was read. Decoding happens once; data.py caches it.
+has one, and a record of what was read. Decoding happens once; splits.py caches it.
 """
 
 from __future__ import annotations

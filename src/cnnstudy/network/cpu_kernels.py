@@ -9,7 +9,7 @@ kernels in csrc/cpu_kernels.c load each pixel's channels with one masked vector 
 - `conv_max_pool`: a first conv layer (stride 1, no padding, input needing no gradient)
   fused with the 2x2/2 max pool after it and a ReLU after that, never storing the conv's
   full-size output; the same function as conv2d + max_pool2d + relu, its sums taken in
-  another order (float rounding). `Network` (model.py) uses it for such layers.
+  another order (float rounding). `Network` (modules.py) uses it for such layers.
 
 It is built once per machine with the C compiler (`$CC`, else cc/gcc/clang) and
 `-march=native -fopenmp`, into cnnstudy's cache folder (`$CNNSTUDY_CACHE/kernels`, else
