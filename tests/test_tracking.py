@@ -67,3 +67,14 @@ def test_no_secret_reaches_the_terminal_in_a_multirun(tmp_path):
     assert "#1 : " in seen and "2 job(s) of the sweep had config errors" in seen
     assert "s3cr3tpw" not in seen and "abc123secret" not in seen
     assert "postgresql://u:***@127.0.0.1:1/db" in seen
+
+
+def test_hydras_own_errors_reach_the_terminal_redacted(tmp_path):
+    from .conftest import run_cli
+
+    result = run_cli(
+        "cnnstudy-train", "logger.log_model=postgresql://u:s3cr3tpw@h/db", cwd=tmp_path
+    )
+    assert result.returncode == 1  # Hydra's type error, Hydra's exit code
+    assert "is not a valid bool" in result.stderr
+    assert "s3cr3tpw" not in result.stdout + result.stderr

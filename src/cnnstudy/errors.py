@@ -57,8 +57,9 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def console_script(main: Callable[[], Any]) -> Callable[[], None]:
-    """The console script around `main`: once main has returned (or exited) and the atexit
-    handlers have run and output is flushed, the process ends at once. Python's own
+    """The console script around `main`: everything it prints is redacted (cnnstudy.redact);
+    once main has returned (or exited) and the atexit handlers have run and output is
+    flushed, the process ends at once. Python's own
     teardown would free every module of torch, Lightning and MLflow one by one: about 2 s
     after the summary, measured on this project's machine, for nothing. A bug still ends
     with its traceback."""
@@ -69,6 +70,9 @@ def console_script(main: Callable[[], Any]) -> Callable[[], None]:
         import logging
         import os
 
+        from cnnstudy.redact import RedactingStream
+
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
         try:
             main()
             code: Any = 0
