@@ -33,6 +33,15 @@ class Interrupted(BaseException):  # noqa: N818 -- like KeyboardInterrupt, not a
         return 128 + self.signum
 
 
+class Stopped(Exception):  # noqa: N818 -- a decision, not a failure
+    """A run stopped on purpose before its last epoch (a study's pruner); `state` names it
+    (PRUNED). The run is marked KILLED with the tag cnnstudy.trial_state."""
+
+    def __init__(self, message: str, state: str = "PRUNED") -> None:
+        super().__init__(message)
+        self.state = state
+
+
 def report(err: BaseException | str) -> None:
     from cnnstudy.redact import redact_text
 

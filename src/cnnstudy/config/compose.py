@@ -23,6 +23,27 @@ def config_dir() -> Path:
 CONFIG_DIR = config_dir()
 
 
+def sweeps_dir() -> Path:
+    """sweeps/ as shipped inside the package, else the checkout's top-level sweeps/."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "sweeps"
+    return shipped if shipped.is_dir() else package.parents[1] / "sweeps"
+
+
+def register_sweeps() -> None:
+    """Every sweeps/NAME.yaml as the option NAME of the config group `sweep`, at the global
+    package (a sweep file sets hydra.sweeper.* and any key of the run): `sweep=NAME`."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        store.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+register_sweeps()
+
+
 def compose(overrides: list[str], config_dir: Path | str | None = None) -> DictConfig:
     """Compose train.yaml with command-line style overrides, as the Hydra app does.
     `config_dir`: a folder of the user's own, searched before cnnstudy's (--config-dir)."""

@@ -102,6 +102,7 @@ class LoggerConfig:
     log_model: bool = True  # log the trained network (torch.export archive) to the run
     run_name: str = ""  # empty: named after the overrides, i.e. what was varied
     tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+    parent_run_id: str = ""  # nest the run under this one (a study's trial: set by the sweeper)
 
 
 @dataclass

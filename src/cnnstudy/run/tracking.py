@@ -34,7 +34,7 @@ def run_name(cfg: DictConfig, overrides: list[str]) -> str:
     """Name a run after what was varied: the model, then the overrides that are not plumbing."""
     if cfg.logger.run_name:
         return cfg.logger.run_name
-    plumbing = ("logger.", "trainer.progress_bar", "hydra.", "+logger.")
+    plumbing = ("logger.", "trainer.progress_bar", "hydra.", "+logger.", "sweep=")
     varied = [override_secret(o) for o in overrides if not o.lstrip("~+").startswith(plumbing)]
     varied = [o for o in varied if not o.startswith("model=")]
     return " ".join([cfg.model.name, *varied])[:250]

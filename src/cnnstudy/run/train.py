@@ -33,11 +33,18 @@ from omegaconf import DictConfig
 from cnnstudy.config.check import check, resolve
 from cnnstudy.config.compose import CONFIG_DIR
 from cnnstudy.data.files import check_files
-from cnnstudy.errors import EXIT_USER_ERROR, ConfigError, Interrupted, console_script, report
+from cnnstudy.errors import (
+    EXIT_USER_ERROR,
+    ConfigError,
+    Interrupted,
+    Stopped,
+    console_script,
+    report,
+)
 from cnnstudy.network.memory import fits_message, host_available
 from cnnstudy.network.plan import totals
 from cnnstudy.redact import RedactingFilter, override_secret
-from cnnstudy.run import store
+from cnnstudy.run import context, store
 from cnnstudy.run.lifecycle import mark_orphans, process_tags, signals_interrupt
 from cnnstudy.run.tracking import record_setup, run_name, run_tags
 
@@ -379,8 +386,13 @@ def train(
         )
         mark_orphans(uri, by=f"{entry_point} (pid {os.getpid()})")
         tags = run_tags(cfg, list(overrides), entry_point)
+        request = context.current() or context.RunRequest()
         tags.update(extra_tags or {})
+        tags.update(request.tags)
         tags.update(process_tags())
+        parent = cfg.logger.parent_run_id or request.parent_run_id
+        if parent:  # the tag works across processes, unlike start_run's own nesting
+            tags["mlflow.parentRunId"] = parent
         tags.update(
             {
                 "cnnstudy.torch_threads": str(torch.get_num_threads()),
@@ -391,10 +403,9 @@ def train(
                 "cnnstudy.data_loaded_from": splits.loaded_from,
             }
         )
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name(cfg, list(overrides)), tags=tags
-        ) as run:
-            run_id = run.info.run_id
+        name = request.run_name or run_name(cfg, list(overrides))
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+            run_id = request.run_id = run.info.run_id
             try:
                 record_setup(cfg, layers, splits, datamodule.mean, datamodule.std, uri)
                 counts = totals(layers)
@@ -402,7 +413,8 @@ def train(
                     experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
                 )
                 throughput = Throughput()
-                trainer = _trainer(cfg, hardware, logger, [throughput], root_dir or os.getcwd())
+                callbacks = [throughput, *request.callbacks]
+                trainer = _trainer(cfg, hardware, logger, callbacks, root_dir or os.getcwd())
                 fit_started = time.perf_counter()
                 trainer.fit(system, datamodule=datamodule)
                 fit_seconds = time.perf_counter() - fit_started
@@ -418,6 +430,11 @@ def train(
                     _log_network(network, cfg)
             except Interrupted as stop:
                 mlflow.set_tag("cnnstudy.killed_reason", f"{stop} during the run")
+                mlflow.end_run("KILLED")
+                raise
+            except Stopped as stop:  # a study's pruner: over, on purpose, not failed
+                mlflow.set_tag("cnnstudy.trial_state", stop.state)
+                mlflow.set_tag("cnnstudy.stopped_reason", str(stop))
                 mlflow.end_run("KILLED")
                 raise
     return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
@@ -484,13 +501,17 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float] | None:
     try:
         result = train(cfg, overrides, root_dir=hydra_cfg.runtime.output_dir)
     except ConfigError as err:
+        request = context.current()
+        if request is not None and request.raise_config_errors:
+            raise  # a study's trial: the sweeper records the reason on the trial
         report(err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             _remove_job_folder(hydra_cfg.runtime.output_dir)
             sys.exit(EXIT_USER_ERROR)
         _failed_jobs.append(" ".join(override_secret(o) for o in overrides))  # the sweep goes on
         return None
-    print(summary(result))
+    if context.current() is None:  # a study prints one line per trial instead
+        print(summary(result))
     return result.metrics
 
 

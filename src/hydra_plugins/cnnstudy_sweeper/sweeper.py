@@ -1,0 +1,88 @@
+"""The Hydra plugin: `hydra/sweeper: cnnstudy`. Thin: settings in, cnnstudy.study.sweep runs
+the study. Hydra finds it by importing every module under the hydra_plugins namespace
+(without registering the module in sys.modules: no `from __future__ import annotations`
+here, the dataclass needs its annotations evaluated)."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class CnnstudySweeperConf:
+    """The study's settings, under hydra.sweeper (README: Studies)."""
+
+    _target_: str = "hydra_plugins.cnnstudy_sweeper.sweeper.CnnstudySweeper"
+    _recursive_: bool = False  # sampler and pruner are built by the study, seeds adjusted
+    study_name: str | None = None  # default: the sweep file's name
+    storage: str | None = None  # default: sqlite:///optuna.db in the current folder
+    n_trials: int = 20  # finished (complete or pruned) trials in total, over every run
+    objective: Any = "val/acc"  # a validation metric, or a list of them
+    direction: Any = "maximize"  # or minimize; a list for several objectives
+    directions: Any = None  # hydra-optuna-sweeper's spelling of a list of directions
+    sampler: Any = field(
+        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0}
+    )
+    pruner: Any = None  # an optuna.pruners class as _target_; null: none
+    params: dict[str, str] | None = None  # search space, Hydra's override grammar
+    enqueue: list[Any] = field(default_factory=list)  # trials run first ({key: value})
+    seeds: int = 1  # seeds per sampled configuration; the objective is their mean
+    max_failures: int = 5  # failed trials (not rejected architectures) before stopping
+    n_jobs: int = 1  # trials at once (1 for now)
+    max_failure_rate: float | None = None  # hydra-optuna-sweeper's key: accepted, unused
+    search_space: Any = None  # hydra-optuna-sweeper's old key: use params
+    custom_search_space: Any = None  # hydra-optuna-sweeper's: not supported
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="cnnstudy", node=CnnstudySweeperConf, provider="cnnstudy"
+)
+
+
+class CnnstudySweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.config: DictConfig | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import sys
+
+        from cnnstudy.errors import EXIT_USER_ERROR, ConfigError, report
+
+        try:
+            return self._sweep(arguments)
+        except ConfigError as err:  # one line and exit 2, as every cnnstudy user error
+            report(err)
+            sys.exit(EXIT_USER_ERROR)
+
+    def _sweep(self, arguments: list[str]) -> Any:
+        from cnnstudy.errors import ConfigError
+        from cnnstudy.study.sweep import Settings, StudyRunner
+
+        raw = {
+            k: (OmegaConf.to_container(v) if isinstance(v, DictConfig) else v)
+            for k, v in self.settings.items()
+        }
+        if raw.pop("custom_search_space", None):
+            raise ConfigError("hydra.sweeper.custom_search_space: not supported; use params")
+        if raw.get("search_space") and not raw.get("params"):
+            raise ConfigError("hydra.sweeper.search_space: the old form; write params instead")
+        raw.pop("search_space", None)
+        raw["params"] = raw.get("params") or {}
+        settings = Settings(**raw)
+        runner = StudyRunner(settings, self.config, self.launcher, self.hydra_context.config_loader)
+        return runner.run(list(arguments))

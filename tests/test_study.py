@@ -1,0 +1,281 @@
+"""Optuna studies from `cnnstudy-train -m`: the real command, tiny budgets on the digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from .conftest import BIN, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = ("trainer=smoke", "logger.log_model=false", "trainer.num_threads=1")
+
+
+def study(where: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli(
+        "cnnstudy-train",
+        "-m",
+        *args,
+        *TINY,
+        f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
+        f"logger.artifact_location={where}/a",
+        cwd=where,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{where}/mlflow.db", **(env or {})},
+    )
+
+
+def trials_of(where: Path, name: str) -> list:
+    """The study's trials, read under the storage's lock: a reader opening a new SQLite file
+    while the study creates its tables would create them too (and one would crash)."""
+    from cnnstudy.run.store import store_lock
+
+    url = f"sqlite:///{where}/optuna.db"
+    with store_lock(url):
+        loaded = optuna.load_study(study_name=name, storage=url)
+        return loaded.get_trials(deepcopy=False)
+
+
+def runs_of(where: Path) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{where}/mlflow.db")
+    experiment = client.get_experiment_by_name("cnnstudy")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def finished(trials: list) -> list:
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def test_a_study_runs_n_trials_as_child_runs_of_one_parent_and_resumes(tmp_path):
+    first = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = trials_of(tmp_path, "hidden_units")
+    assert len(finished(trials)) == 3
+    assert trials[0].params == {"model.hidden_units": 200, "optimizer.lr": 0.01}  # enqueued
+    runs = runs_of(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and len(runs) == 4
+    assert sorted(r.data.tags["cnnstudy.trial"] for r in children) == ["0", "1", "2"]
+    by_trial = {int(r.data.tags["cnnstudy.trial"]): r for r in children}
+    for trial in trials:  # the objective is the child run's validation accuracy
+        run = by_trial[trial.number]
+        assert trial.value == run.data.metrics["val/acc"]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.info.run_name.startswith(f"trial {trial.number}: model.hidden_units=")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["study.sampler"] == "TPESampler"
+    assert "best: trial" in first.stdout and "reproduce: cnnstudy-train" in first.stdout
+    assert first.stdout.count(" COMPLETE ") == 3
+    (results,) = tmp_path.glob("multirun/*/*/results.yaml")
+    assert "best_mlflow_run_id" in results.read_text()
+
+    again = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = trials_of(tmp_path, "hidden_units")
+    assert len(finished(trials)) == 5 and len(trials) == 5  # only the 2 missing ran
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == 5  # the rebuilt seeded sampler did not repeat itself
+    runs = runs_of(tmp_path)
+    assert len([r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]) == 1
+    assert len(runs) == 6
+
+    same = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=5")
+    assert same.returncode == 0 and len(trials_of(tmp_path, "hidden_units")) == 5
+
+
+def test_the_command_line_space_overrides_the_file_and_a_changed_space_is_refused(tmp_path):
+    done = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.enqueue=[]",
+        "hydra.sweeper.study_name=narrow",
+        "model.hidden_units=choice(32,64)",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, "narrow")
+    assert {t.params["model.hidden_units"] for t in trials} <= {32, 64}
+    assert all("optimizer.lr" in t.params for t in trials)  # the file's other key stays
+
+    mixed = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "hydra.sweeper.study_name=narrow",
+        "model.hidden_units=choice(16,32)",
+    )
+    assert mixed.returncode == 2
+    assert "was created with the search space" in mixed.stderr
+    assert "Traceback" not in mixed.stderr
+
+
+def _write_sweep(tmp_path: Path, name: str, text: str) -> Path:
+    folder = tmp_path / "my_conf" / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(text)
+    return tmp_path / "my_conf"
+
+
+def test_an_architecture_that_cannot_exist_is_rejected_fast_and_the_study_goes_on(tmp_path):
+    conf = _write_sweep(
+        tmp_path,
+        "shapes",
+        "# @package _global_\n"
+        "defaults:\n  - override /hydra/sweeper: cnnstudy\n"
+        "hydra:\n  sweeper:\n    n_trials: 2\n"
+        "    sampler: {_target_: optuna.samplers.RandomSampler, seed: 1}\n"
+        "    enqueue: [{model.receptive_field: 40}]\n"
+        "    params:\n      model.receptive_field: choice(3, 5, 40)\n",
+    )
+    done = study(tmp_path, "--config-dir", str(conf), "sweep=shapes")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, "shapes")
+    rejected = [t for t in trials if t.state == TrialState.FAIL]
+    assert rejected and all(t.params["model.receptive_field"] == 40 for t in rejected)
+    reason = rejected[0].user_attrs["fail_reason"]
+    assert reason.startswith("rejected before training") and "floor((32 - 40" in reason
+    # infeasible for the sampler: Optuna's constraint value above 0
+    (constraint,) = [v for k, v in rejected[0].system_attrs.items() if "shape_check" in k]
+    assert constraint == 1.0
+    assert (rejected[0].datetime_complete - rejected[0].datetime_start).total_seconds() < 1.0
+    assert len(finished(trials)) == 2
+    assert len(runs_of(tmp_path)) == 3  # the parent and two trained trials, nothing for 40
+
+
+def test_a_hydra_optuna_sweeper_file_runs_with_only_the_sweeper_changed(tmp_path):
+    conf = _write_sweep(
+        tmp_path,
+        "legacy",
+        # hydra-optuna-sweeper's example, with `override hydra/sweeper: cnnstudy`
+        "# @package _global_\n"
+        "defaults:\n  - override /hydra/sweeper: cnnstudy\n"
+        "hydra:\n  sweeper:\n"
+        "    sampler:\n      _target_: optuna.samplers.TPESampler\n      seed: 123\n"
+        "    direction: maximize\n    study_name: legacy\n    storage: null\n"
+        "    n_trials: 2\n    n_jobs: 1\n    max_failure_rate: 0.0\n"
+        "    params:\n      model.hidden_units: range(16, 64, step=16)\n"
+        "      model.activation: choice(relu, tanh)\n",
+    )
+    done = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "--config-dir",
+        str(conf),
+        "sweep=legacy",
+        *TINY,
+        f"logger.artifact_location={tmp_path}/a",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, "legacy")  # storage null: the default, ./optuna.db
+    assert len(finished(trials)) == 2
+    assert all(t.params["model.hidden_units"] in (16, 32, 48) for t in trials)  # 64 excluded
+
+
+def test_a_pruner_prunes_a_trial_inside_training(tmp_path):
+    conf = _write_sweep(
+        tmp_path,
+        "prune",
+        "# @package _global_\n"
+        "defaults:\n  - override /hydra/sweeper: cnnstudy\n"
+        "trainer: {max_epochs: 4, limit_train_batches: 3}\n"
+        "hydra:\n  sweeper:\n    n_trials: 2\n"
+        "    pruner: {_target_: optuna.pruners.MedianPruner, n_startup_trials: 1}\n"
+        "    enqueue: [{optimizer.lr: 0.01}, {optimizer.lr: 30.0}]\n"
+        "    params:\n      optimizer.lr: choice(0.01, 30.0)\n",
+    )
+    done = study(tmp_path, "--config-dir", str(conf), "sweep=prune")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, "prune")
+    states = {t.params["optimizer.lr"]: t.state for t in trials}
+    assert states == {0.01: TrialState.COMPLETE, 30.0: TrialState.PRUNED}
+    (pruned_run,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.trial") == "1"]
+    assert pruned_run.info.status == "KILLED"
+    assert pruned_run.data.tags["cnnstudy.trial_state"] == "PRUNED"
+    assert (
+        len(
+            mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
+                pruned_run.info.run_id, "val/acc"
+            )
+        )
+        < 4
+    )  # stopped before its last epoch
+
+
+def test_seeds_train_each_configuration_several_times_and_report_the_mean(tmp_path):
+    done = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.seeds=2",
+        "hydra.sweeper.study_name=seeded",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = trials_of(tmp_path, "seeded")
+    values = [v[0] for v in trial.user_attrs["seed_values"]]
+    assert trial.value == pytest.approx(sum(values) / 2)
+    runs = runs_of(tmp_path)
+    seed_runs = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "seed"]
+    (trial_run,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "trial"]
+    assert len(seed_runs) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in seed_runs} == {trial_run.info.run_id}
+    assert sorted(r.data.params["seed"] for r in seed_runs) == ["0", "1"]
+    assert sorted(r.data.metrics["val/acc"] for r in seed_runs) == sorted(values)
+
+
+def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        *TINY,
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        f"logger.artifact_location={tmp_path}/a",
+    ]
+    proc = subprocess.Popen(
+        [*args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (tmp_path / "optuna.db").exists():
+            try:
+                running = [
+                    t for t in trials_of(tmp_path, "hidden_units") if t.state == TrialState.RUNNING
+                ]
+            except KeyError:  # the study is not created yet
+                running = []
+            if running:
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise AssertionError("no trial started")
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [t.state for t in trials_of(tmp_path, "hidden_units")] == [TrialState.RUNNING]
+
+    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = trials_of(tmp_path, "hidden_units")
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert trials[0].state == TrialState.FAIL
+    assert f"process {proc.pid}" in trials[0].user_attrs["fail_reason"]
+    assert len(finished(trials)) == 2
