@@ -25,7 +25,7 @@ def installed(tmp_path_factory) -> dict:
     # built from a copy of what the wheel is made of: setuptools writes build/ beside it
     source = where / "source"
     skip = shutil.ignore_patterns("*.egg-info", "__pycache__")
-    for folder in ("src", "conf"):
+    for folder in ("src", "conf", "sweeps"):
         shutil.copytree(REPO / folder, source / folder, ignore=skip)
     for file in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / file, source / file)
@@ -89,11 +89,26 @@ def test_the_wheel_ships_every_config_file(installed):
     assert shipped == in_repo
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert "cnnstudy/network/csrc/cpu_kernels.c" in names
+    sweeps = {n.removeprefix("cnnstudy/sweeps/") for n in names if n.startswith("cnnstudy/sweeps/")}
+    assert sweeps == {p.name for p in (REPO / "sweeps").glob("*.yaml")}
+    assert "hydra_plugins/cnnstudy_sweeper/sweeper.py" in names
 
 
 def test_the_installed_package_runs_from_outside_the_checkout(installed):
     where = _run(installed, "python", "-c", "import cnnstudy; print(cnnstudy.__file__)")
     assert where.stdout.startswith(str(installed["bin"].parent)), where.stdout + where.stderr
+
+    study = _run(
+        installed,
+        "cnnstudy-train",
+        "-m",
+        "sweep=hidden_units",
+        "hydra.sweeper.n_trials=1",
+        "trainer=smoke",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{installed['outside']}/study.db"},
+    )
+    assert study.returncode == 0, study.stderr[-3000:]  # the shipped sweep, the plugin found
+    assert "best: trial 0" in study.stdout
 
     described = _run(installed, "cnnstudy-describe", "model=lenet5")
     assert described.returncode == 0, described.stderr
