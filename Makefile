@@ -34,6 +34,7 @@ ui: setup
 bench: setup
 	$(BIN)/python benchmarks/throughput.py --epochs 10 --rounds 5
 	$(BIN)/python benchmarks/mnist.py
+	$(BIN)/python benchmarks/sweeper.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -138,6 +138,7 @@ class StudyRunner:
         self.loader = loader
         self.job_idx = 0
         self.failures = 0
+        self.timings: list[dict[str, float]] = []  # sampler and storage time per trial
 
     # ------------------------------------------------------------------ set-up
 
@@ -284,7 +285,11 @@ class StudyRunner:
             check(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
         except ConfigError as err:
             trial.set_constraint(SHAPE_CONSTRAINT, 1.0)
-            return _Outcome("FAIL", reason=f"rejected before training: {err}")
+            return _Outcome(
+                "FAIL",
+                reason=f"rejected before training: {err}",
+                seconds=time.perf_counter() - started,
+            )
         trial.set_constraint(SHAPE_CONSTRAINT, 0.0)
 
         seed0 = int(job.seed)
@@ -418,10 +423,12 @@ class StudyRunner:
                     "failed in this run of the study (reasons above and on each trial); "
                     "the study stops. Fix the cause and run the same command to resume"
                 )
+            asked = time.perf_counter()
             with warnings.catch_warnings():
                 # heartbeats are recorded here (_Heartbeat), not by study.optimize
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = study.ask(fixed_distributions=space)
+            ask_s = time.perf_counter() - asked
             for key, value in process_tags().items():
                 trial.set_user_attr(key, value)
             overrides = [
@@ -436,7 +443,16 @@ class StudyRunner:
                     client.set_tag(self.parent_run_id, "cnnstudy.killed_reason", f"{stop}")
                     client.set_terminated(self.parent_run_id, "KILLED")
                     raise
+            told = time.perf_counter()
             self._finish(trial, outcome)
+            self.timings.append(
+                {
+                    "trial": trial.number,
+                    "ask_s": ask_s,
+                    "tell_s": time.perf_counter() - told,
+                    "trial_s": outcome.seconds,
+                }
+            )
             if outcome.state == "FAIL" and not outcome.reason.startswith("rejected"):
                 self.failures += 1
             self._report(trial, outcome, client)
@@ -500,6 +516,7 @@ class StudyRunner:
                 f"MLflow run {results['best_mlflow_run_id']}\nreproduce: {results['reproduce']}",
                 flush=True,
             )
+        results["timings"] = self.timings
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
         experiment = client.get_run(self.parent_run_id).info.experiment_id
