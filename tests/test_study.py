@@ -279,3 +279,67 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(tmp
     assert trials[0].state == TrialState.FAIL
     assert f"process {proc.pid}" in trials[0].user_attrs["fail_reason"]
     assert len(finished(trials)) == 2
+
+
+def test_failed_trials_are_recorded_and_max_failures_stops_the_study(tmp_path):
+    done = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "hydra.sweeper.objective=val/nonexistent",
+        "hydra.sweeper.max_failures=2",
+        "hydra.sweeper.study_name=failing",
+    )
+    assert done.returncode == 2
+    assert "hydra.sweeper.max_failures=2: 2 trials failed" in done.stderr
+    assert "Traceback" not in done.stderr
+    trials = trials_of(tmp_path, "failing")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert trials[0].user_attrs["fail_reason"] == "objective val/nonexistent is None"
+
+
+def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        *TINY,
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        f"logger.artifact_location={tmp_path}/a",
+    ]
+    proc = subprocess.Popen(
+        [*args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the trial's MLflow run trains
+        if (tmp_path / "mlflow.db").exists():
+            from cnnstudy.run.store import serialized
+
+            kinds = serialized(
+                f"sqlite:///{tmp_path}/mlflow.db",
+                lambda: [r.data.tags.get("cnnstudy.run_kind") for r in runs_of(tmp_path)],
+            )
+            if "trial" in kinds:
+                break
+        time.sleep(0.5)
+    time.sleep(2)  # inside the fit
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, out[-3000:]
+    (trial,) = trials_of(tmp_path, "hidden_units")
+    assert trial.state == TrialState.FAIL and "SIGTERM" in trial.user_attrs["fail_reason"]
+    statuses = {r.data.tags.get("cnnstudy.run_kind"): r.info.status for r in runs_of(tmp_path)}
+    assert statuses == {"study": "KILLED", "trial": "KILLED"}
+
+    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(finished(trials_of(tmp_path, "hidden_units"))) == 1
+    parents = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert [r.info.status for r in parents] == ["FINISHED"]  # the same parent, resumed
