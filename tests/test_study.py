@@ -232,52 +232,70 @@ def test_seeds_train_each_configuration_several_times_and_report_the_mean(tmp_pa
     assert sorted(r.data.metrics["val/acc"] for r in seed_runs) == sorted(values)
 
 
+class LongStudy:
+    """`cnnstudy-train -m sweep=hidden_units` whose first trial trains for minutes, started
+    in the background; `resume()` runs the same command, with the usual tiny budget."""
+
+    def __init__(self, where: Path, n_trials: int) -> None:
+        self.where = where
+        self.env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        self.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{where}/mlflow.db"
+        self.args = [
+            str(BIN / "cnnstudy-train"),
+            "-m",
+            "sweep=hidden_units",
+            *TINY,
+            f"hydra.sweeper.n_trials={n_trials}",
+            f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
+            f"logger.artifact_location={where}/a",
+        ]
+        self.proc = subprocess.Popen(
+            [*self.args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
+            cwd=where,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait_for_training(self) -> None:
+        """Until the first trial's MLflow run exists, then 2 s more: inside the fit."""
+        from cnnstudy.run.store import serialized
+
+        uri = f"sqlite:///{self.where}/mlflow.db"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()[-3000:]
+            if (self.where / "mlflow.db").exists():
+                kinds = serialized(
+                    uri, lambda: [r.data.tags.get("cnnstudy.run_kind") for r in runs_of(self.where)]
+                )
+                if "trial" in kinds:
+                    time.sleep(2)
+                    return
+            time.sleep(0.5)
+        raise AssertionError("no trial started training")
+
+    def resume(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.args, cwd=self.where, env=self.env, capture_output=True, text=True
+        )
+
+
 def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [
-        str(BIN / "cnnstudy-train"),
-        "-m",
-        "sweep=hidden_units",
-        *TINY,
-        "hydra.sweeper.n_trials=2",
-        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        f"logger.artifact_location={tmp_path}/a",
-    ]
-    proc = subprocess.Popen(
-        [*args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if (tmp_path / "optuna.db").exists():
-            try:
-                running = [
-                    t for t in trials_of(tmp_path, "hidden_units") if t.state == TrialState.RUNNING
-                ]
-            except KeyError:  # the study is not created yet
-                running = []
-            if running:
-                break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError("no trial started")
-    time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    long = LongStudy(tmp_path, n_trials=2)
+    long.wait_for_training()
+    os.killpg(long.proc.pid, signal.SIGKILL)
+    long.proc.wait(timeout=30)
     assert [t.state for t in trials_of(tmp_path, "hidden_units")] == [TrialState.RUNNING]
 
-    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    resumed = long.resume()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = trials_of(tmp_path, "hidden_units")
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert trials[0].state == TrialState.FAIL
-    assert f"process {proc.pid}" in trials[0].user_attrs["fail_reason"]
+    assert f"process {long.proc.pid}" in trials[0].user_attrs["fail_reason"]
     assert len(finished(trials)) == 2
 
 
@@ -298,47 +316,17 @@ def test_failed_trials_are_recorded_and_max_failures_stops_the_study(tmp_path):
 
 
 def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [
-        str(BIN / "cnnstudy-train"),
-        "-m",
-        "sweep=hidden_units",
-        *TINY,
-        "hydra.sweeper.n_trials=1",
-        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        f"logger.artifact_location={tmp_path}/a",
-    ]
-    proc = subprocess.Popen(
-        [*args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # until the trial's MLflow run trains
-        if (tmp_path / "mlflow.db").exists():
-            from cnnstudy.run.store import serialized
-
-            kinds = serialized(
-                f"sqlite:///{tmp_path}/mlflow.db",
-                lambda: [r.data.tags.get("cnnstudy.run_kind") for r in runs_of(tmp_path)],
-            )
-            if "trial" in kinds:
-                break
-        time.sleep(0.5)
-    time.sleep(2)  # inside the fit
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 143, out[-3000:]
+    long = LongStudy(tmp_path, n_trials=1)
+    long.wait_for_training()
+    long.proc.send_signal(signal.SIGTERM)
+    out = long.proc.communicate(timeout=60)[0]
+    assert long.proc.returncode == 143, out[-3000:]
     (trial,) = trials_of(tmp_path, "hidden_units")
     assert trial.state == TrialState.FAIL and "SIGTERM" in trial.user_attrs["fail_reason"]
     statuses = {r.data.tags.get("cnnstudy.run_kind"): r.info.status for r in runs_of(tmp_path)}
     assert statuses == {"study": "KILLED", "trial": "KILLED"}
 
-    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    resumed = long.resume()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(finished(trials_of(tmp_path, "hidden_units"))) == 1
     parents = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
