@@ -1,7 +1,9 @@
-"""The study sweeper's overhead: a study of N trials against the same N train() calls.
+"""The study sweeper's overhead: a study of N trials against the same N train() calls;
+and trials per minute with 1 and 2 worker processes.
 
     .venv/bin/python benchmarks/sweeper.py                 # 20 trials
     .venv/bin/python benchmarks/sweeper.py --trials 200    # sampler + storage at trial 200
+    .venv/bin/python benchmarks/sweeper.py --parallel      # n_jobs=1 against n_jobs=2
 
 (s) `cnnstudy-train -m sweep=hidden_units` with a minimal training budget (two batches,
 one validation batch), SQLite storage; (d) a fresh process making the same trials'
@@ -27,7 +29,7 @@ BIN = Path(sys.executable).parent
 BUDGET = ["trainer=smoke", "logger.log_model=false", "trainer.num_threads=1"]
 
 
-def run_study(where: Path, trials: int) -> tuple[float, dict]:
+def run_study(where: Path, trials: int, extra: list[str] = ()) -> tuple[float, dict]:
     args = [
         str(BIN / "cnnstudy-train"),
         "-m",
@@ -36,6 +38,7 @@ def run_study(where: Path, trials: int) -> tuple[float, dict]:
         f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
         f"logger.artifact_location={where}/a",
         *BUDGET,
+        *extra,
     ]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{where}/mlflow.db", "PATH": str(BIN)}
     started = time.perf_counter()
@@ -76,10 +79,38 @@ def run_direct(where: Path) -> float:
     return time.perf_counter() - started
 
 
+# ten epochs over the whole digits training split per trial, one torch thread per process
+PARALLEL_BUDGET = [
+    "trainer.limit_train_batches=null",
+    "trainer.limit_val_batches=null",
+    "trainer.limit_test_batches=null",
+    "trainer.max_epochs=10",
+]
+
+
+def parallel(trials: int) -> None:
+    rates = {}
+    for jobs in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = [*PARALLEL_BUDGET, f"hydra.sweeper.n_jobs={jobs}"]
+            if jobs == 1:
+                extra.append("trainer.num_threads=1")  # each worker 1 thread, as with 2
+            seconds, _ = run_study(Path(tmp), trials, extra)
+        rates[jobs] = trials / seconds * 60
+        print(f"n_jobs={jobs}: {trials} trials in {seconds:.1f} s, {rates[jobs]:.1f} trials/min")
+    print(f"2 workers / 1 worker: {rates[2] / rates[1]:.2f} (goal: at least 1.6)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="trials in the study (default 20)")
+    parser.add_argument(
+        "--parallel", action="store_true", help="trials per minute with 1 and 2 workers"
+    )
     args = parser.parse_args()
+    if args.parallel:
+        parallel(args.trials)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
         study_s, results = run_study(where, args.trials)

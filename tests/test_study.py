@@ -331,3 +331,52 @@ def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp
     assert len(finished(trials_of(tmp_path, "hidden_units"))) == 1
     parents = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
     assert [r.info.status for r in parents] == ["FINISHED"]  # the same parent, resumed
+
+
+def test_n_jobs_runs_trials_in_parallel_processes_with_a_share_of_the_cores(tmp_path):
+    done = study(
+        tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, "hidden_units")
+    assert len(trials) == 4 and len(finished(trials)) == 4
+    assert len({t.user_attrs["cnnstudy.pid"] for t in trials}) == 2  # two processes took trials
+    runs = runs_of(tmp_path)
+    assert len([r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]) == 1
+    children = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "trial"]
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert len(children) == 4 and {r.data.params["trainer.num_threads"] for r in children} == {
+        threads
+    }
+    assert done.stdout.count("best: trial") == 1  # the first process reports the study
+
+
+def test_two_commands_started_at_once_on_a_new_study_share_exactly_n_trials(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        *TINY,
+        "hydra.sweeper.n_trials=5",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+        f"logger.artifact_location={tmp_path}/a",
+    ]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-3000:]
+    trials = trials_of(tmp_path, "hidden_units")
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+    assert len(finished(trials)) == 5
+    runs = runs_of(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert (
+        len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 5
+    )

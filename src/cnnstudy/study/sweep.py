@@ -19,7 +19,11 @@ towards `n_trials`; trials left RUNNING by a dead process are marked FAIL.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -31,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnstudy.errors import ConfigError, Interrupted, Stopped
 from cnnstudy.redact import redact_text
+from cnnstudy.run.store import store_lock
 from cnnstudy.study import space as spaces
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -80,8 +85,8 @@ def _check(settings: Settings) -> None:
         fail("n_trials", settings.n_trials, "must be at least 1")
     if settings.seeds < 1:
         fail("seeds", settings.seeds, "must be at least 1")
-    if settings.n_jobs != 1:
-        fail("n_jobs", settings.n_jobs, "parallel trials are not available yet; valid: 1")
+    if settings.n_jobs < 1:
+        fail("n_jobs", settings.n_jobs, "must be at least 1")
     for name in settings.objectives:
         if not name.startswith(("val/", "train/")):
             fail(
@@ -145,10 +150,8 @@ class StudyRunner:
     def _study(self, space: dict[str, Any]) -> Any:
         import optuna
 
-        from cnnstudy.run.store import store_lock
-
         s = self.settings
-        url = s.storage or DEFAULT_STORAGE
+        url = self.url = s.storage or DEFAULT_STORAGE
         name = s.study_name or self._default_name()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with store_lock(url):  # two processes creating one SQLite study at the same moment
@@ -391,8 +394,6 @@ class StudyRunner:
     def run(self, arguments: list[str]) -> list[Any]:
         import mlflow
 
-        from cnnstudy.run.lifecycle import process_tags
-
         s = self.settings
         _check(s)
         file_params = [f"{k}={v}" for k, v in (s.params or {}).items()]
@@ -402,21 +403,69 @@ class StudyRunner:
                 "the study has no search space: give hydra.sweeper.params in the sweep file "
                 "or sweeps on the command line (model.hidden_units=int(interval(16, 512)))"
             )
+        workers = []
+        if s.n_jobs > 1:  # each process trains with its share of the cores
+            threads = max(1, _cores() // s.n_jobs)
+            fixed["trainer.num_threads"] = str(threads)
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
         self.study = study = self._study(space)
         self._mark_dead_trials(study)
-        self.uri, self.experiment_id, self.parent_run_id = self._parent_run(study, space)
-        if not study.trials:
-            for params in s.enqueue or []:
-                study.enqueue_trial(dict(params))
+        with store_lock(self.url):  # one parent run, one enqueue, however many processes
+            self.uri, self.experiment_id, self.parent_run_id = self._parent_run(study, space)
+            if not study.trials:
+                for params in s.enqueue or []:
+                    study.enqueue_trial(dict(params))
         client = mlflow.MlflowClient(self.uri)
+        if s.n_jobs > 1 and not _is_worker():
+            workers = _start_workers(s.n_jobs - 1, threads)
         print(
             f"study {study.study_name} in {redact_text(s.storage or DEFAULT_STORAGE)}: "
             f"{self._finished()} of {s.n_trials} trials finished; MLflow parent run "
             f"{self.parent_run_id}",
             flush=True,
         )
-        while self._finished() < s.n_trials:
+        try:
+            self._trials(space, client)
+        except BaseException:
+            _stop_workers(workers)
+            raise
+        if _wait_for_workers(workers):
+            raise ConfigError(
+                "a worker process of the study failed (its output is above); run the same "
+                "command to resume"
+            )
+        if _is_worker():
+            return []  # the process that started the workers reports the study
+        client.set_terminated(self.parent_run_id, "FINISHED")
+        return self._summary(client)
+
+    def _ask(self, space: dict[str, Any]) -> Any:
+        """The next trial, or None when the study has its n_trials: the count and the ask
+        happen under the storage's lock, so that processes working on one study run
+        exactly n_trials in total. While other processes' trials could still fail, wait."""
+        from optuna.trial import TrialState
+
+        while True:
+            with store_lock(self.url):
+                finished = self._finished()
+                running = len(
+                    self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                )
+                if finished >= self.settings.n_trials:
+                    return None
+                if finished + running < self.settings.n_trials:
+                    with warnings.catch_warnings():
+                        # heartbeats are recorded here (_Heartbeat), not by study.optimize
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                        return self.study.ask(fixed_distributions=space)
+            time.sleep(1.0)
+            self._mark_dead_trials(self.study)
+
+    def _trials(self, space: dict[str, Any], client: Any) -> None:
+        from cnnstudy.run.lifecycle import process_tags
+
+        s, study = self.settings, self.study
+        while True:
             if self.failures >= s.max_failures:
                 raise ConfigError(
                     f"hydra.sweeper.max_failures={s.max_failures}: {self.failures} trials "
@@ -424,10 +473,9 @@ class StudyRunner:
                     "the study stops. Fix the cause and run the same command to resume"
                 )
             asked = time.perf_counter()
-            with warnings.catch_warnings():
-                # heartbeats are recorded here (_Heartbeat), not by study.optimize
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trial = study.ask(fixed_distributions=space)
+            trial = self._ask(space)
+            if trial is None:
+                return
             ask_s = time.perf_counter() - asked
             for key, value in process_tags().items():
                 trial.set_user_attr(key, value)
@@ -456,8 +504,6 @@ class StudyRunner:
             if outcome.state == "FAIL" and not outcome.reason.startswith("rejected"):
                 self.failures += 1
             self._report(trial, outcome, client)
-        client.set_terminated(self.parent_run_id, "FINISHED")
-        return self._summary(client)
 
     def _finished(self) -> int:
         from optuna.trial import TrialState
@@ -563,3 +609,45 @@ class _Heartbeat:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------- workers
+
+WORKER_ENV = "CNNSTUDY_STUDY_WORKER"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _is_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def _start_workers(count: int, threads: int) -> list[subprocess.Popen]:
+    """`count` more processes running this same command, as study workers: each asks the
+    storage for its next trial (no batches), trains with `threads` torch threads, and
+    prints its own trial lines. Fresh interpreters, never a fork of this process (a
+    process forked after torch has used OpenMP hangs)."""
+    env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": str(threads)}
+    command = [sys.argv[0], *sys.argv[1:], f"trainer.num_threads={threads}"]
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def _stop_workers(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def _wait_for_workers(workers: list[subprocess.Popen]) -> bool:
+    """Whether any worker failed."""
+    return any(worker.wait() != 0 for worker in workers)
