@@ -117,10 +117,15 @@ def test_the_command_line_space_overrides_the_file_and_a_changed_space_is_refuse
     assert "Traceback" not in mixed.stderr
 
 
+SWEEP_HEADER = "# @package _global_\ndefaults:\n  - override /hydra/sweeper: cnnstudy\n"
+
+
 def _write_sweep(tmp_path: Path, name: str, text: str) -> Path:
+    """my_conf/sweep/NAME.yaml: the header every sweep file of one's own starts with, then
+    `text`."""
     folder = tmp_path / "my_conf" / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.yaml").write_text(text)
+    (folder / f"{name}.yaml").write_text(SWEEP_HEADER + text)
     return tmp_path / "my_conf"
 
 
@@ -128,8 +133,6 @@ def test_an_architecture_that_cannot_exist_is_rejected_fast_and_the_study_goes_o
     conf = _write_sweep(
         tmp_path,
         "shapes",
-        "# @package _global_\n"
-        "defaults:\n  - override /hydra/sweeper: cnnstudy\n"
         "hydra:\n  sweeper:\n    n_trials: 2\n"
         "    sampler: {_target_: optuna.samplers.RandomSampler, seed: 1}\n"
         "    enqueue: [{model.receptive_field: 40}]\n"
@@ -155,8 +158,6 @@ def test_a_hydra_optuna_sweeper_file_runs_with_only_the_sweeper_changed(tmp_path
         tmp_path,
         "legacy",
         # hydra-optuna-sweeper's example, with `override hydra/sweeper: cnnstudy`
-        "# @package _global_\n"
-        "defaults:\n  - override /hydra/sweeper: cnnstudy\n"
         "hydra:\n  sweeper:\n"
         "    sampler:\n      _target_: optuna.samplers.TPESampler\n      seed: 123\n"
         "    direction: maximize\n    study_name: legacy\n    storage: null\n"
@@ -185,8 +186,6 @@ def test_a_pruner_prunes_a_trial_inside_training(tmp_path):
     conf = _write_sweep(
         tmp_path,
         "prune",
-        "# @package _global_\n"
-        "defaults:\n  - override /hydra/sweeper: cnnstudy\n"
         "trainer: {max_epochs: 4, limit_train_batches: 3}\n"
         "hydra:\n  sweeper:\n    n_trials: 2\n"
         "    pruner: {_target_: optuna.pruners.MedianPruner, n_startup_trials: 1}\n"

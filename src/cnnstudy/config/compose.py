@@ -10,24 +10,23 @@ from cnnstudy.config import schema  # noqa: F401 -- registers train_schema with 
 from cnnstudy.errors import ConfigError
 
 
-def config_dir() -> Path:
-    """conf/ as shipped inside the installed package (a wheel), else the checkout's top-level
-    conf/ (an editable install): both hold the same files."""
+def _shipped_or_checkout(name: str) -> Path:
+    """A top-level folder of the repository (conf/, sweeps/) as shipped inside the installed
+    package (a wheel), else the checkout's own (an editable install): the same files."""
     package = Path(__file__).resolve().parents[1]
-    shipped = package / "conf"
-    if (shipped / "train.yaml").is_file():
-        return shipped
-    return package.parents[1] / "conf"
+    shipped = package / name
+    return shipped if shipped.is_dir() else package.parents[1] / name
 
 
-CONFIG_DIR = config_dir()
+def config_dir() -> Path:
+    return _shipped_or_checkout("conf")
 
 
 def sweeps_dir() -> Path:
-    """sweeps/ as shipped inside the package, else the checkout's top-level sweeps/."""
-    package = Path(__file__).resolve().parents[1]
-    shipped = package / "sweeps"
-    return shipped if shipped.is_dir() else package.parents[1] / "sweeps"
+    return _shipped_or_checkout("sweeps")
+
+
+CONFIG_DIR = config_dir()
 
 
 def register_sweeps() -> None:

@@ -102,6 +102,11 @@ def _check(settings: Settings) -> None:
             fail("direction", d, "valid: maximize, minimize")
 
 
+def _run_config(cfg: DictConfig) -> DictConfig:
+    """A composed job config without its `hydra` node: what a run sees."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
 def make_storage(url: str) -> Any:
     """An Optuna storage: a database URL (with heartbeats), or a journal file."""
     import optuna
@@ -178,10 +183,9 @@ class StudyRunner:
                     f"hydra.sweeper.direction={s.all_directions}: study {name} was created "
                     f"with {[d.name.lower() for d in study.directions]}"
                 )
+        # the plugin hands plain data (Settings)
         sampler_cfg = OmegaConf.create(
-            OmegaConf.to_container(s.sampler)
-            if isinstance(s.sampler, DictConfig)
-            else (s.sampler or {"_target_": "optuna.samplers.TPESampler", "seed": 0})
+            s.sampler or {"_target_": "optuna.samplers.TPESampler", "seed": 0}
         )
         extra: dict[str, Any] = {}
         if "seed" in sampler_cfg and sampler_cfg.seed is not None:
@@ -220,11 +224,10 @@ class StudyRunner:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from cnnstudy.config.check import resolve
         from cnnstudy.run import store
         from cnnstudy.run.lifecycle import process_tags
 
-        cfg = resolve(OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"]))
+        cfg = _run_config(self.config)
         uri = store.tracking_uri(cfg)
         store.check_store(uri)
         experiment_id = store.open_experiment(
@@ -285,7 +288,7 @@ class StudyRunner:
         started = time.perf_counter()
         try:
             job = self._job_config(overrides)
-            check(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
+            check(_run_config(job))
         except ConfigError as err:
             trial.set_constraint(SHAPE_CONSTRAINT, 1.0)
             return _Outcome(
@@ -448,9 +451,7 @@ class StudyRunner:
         while True:
             with store_lock(self.url):
                 finished = self._finished()
-                running = len(
-                    self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                )
+                running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 if finished >= self.settings.n_trials:
                     return None
                 if finished + running < self.settings.n_trials:
