@@ -171,3 +171,20 @@ class Throughput(L.Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class SignalCheck(L.Callback):
+    """A safe point after every batch: SIGINT or SIGTERM noted during it stops the run
+    (cnnstudy.run.lifecycle)."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.check = check
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.check()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self.check()
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        self.check()

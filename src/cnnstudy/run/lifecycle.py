@@ -1,9 +1,9 @@
 """How a run ends when it does not finish: signals, and processes that died without a word.
 
 - SIGINT (Ctrl-C) and SIGTERM (a scheduler's timeout, `kill`) during a run raise
-  `Interrupted`: the run is marked KILLED in MLflow and the command exits 130 or 143, as
-  a shell reports a process killed by that signal (never 0: a scheduler must not see
-  success).
+  `Interrupted` at the next safe point (between batches, at most): the run is marked
+  KILLED in MLflow and the command exits 130 or 143, as a shell reports a process killed
+  by that signal (never 0: a scheduler must not see success).
 - `kill -9`, a crash of the machine or an out-of-memory kill leave no chance to write:
   each run records what identifies its process (host, pid, the process's start time and
   the machine's boot id), and the next cnnstudy command that opens the same store marks
@@ -27,26 +27,44 @@ from cnnstudy.errors import Interrupted
 REASON_TAG = "cnnstudy.killed_reason"
 
 
+_pending: list[int] = []  # signals received and not raised yet
+
+
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted inside the block (main thread only); a second
-    signal while the first is handled is ignored, so the run can still be marked."""
+    """Inside the block (main thread only), SIGINT and SIGTERM are noted, not acted on at
+    once; `raise_if_signalled()` raises Interrupted at the next safe point: between
+    batches, between the steps of a run, between trials. Raised at any bytecode instead,
+    the exception could land inside a database write and leave its connection holding the
+    SQLite lock, so that marking the run KILLED then waited on it. Blocks nest; one noted
+    signal is raised once, by the innermost check that sees it; one still noted when the
+    outermost block ends is raised there."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = (signal.SIGINT, signal.SIGTERM)
 
-    def handler(signum: int, frame: Any) -> None:
-        for s in caught:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
+    def note(signum: int, frame: Any) -> None:
+        if not _pending:
+            _pending.append(signum)
 
-    saved = {s: signal.signal(s, handler) for s in caught}
+    saved = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+        raise_if_signalled()
     finally:
         for s, old in saved.items():
             signal.signal(s, old)
+
+
+def raise_if_signalled() -> None:
+    """A safe point: Interrupted, when SIGINT or SIGTERM arrived since the last one."""
+    if _pending:
+        raise Interrupted(_pending.pop())
+
+
+def interrupted_by(default: int) -> Interrupted:
+    """The Interrupted of the signal noted (taking it), else of `default`."""
+    return Interrupted(_pending.pop() if _pending else default)
 
 
 def _boot_id() -> str:

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGTERM
 from typing import Any
 
 import hydra
@@ -45,7 +46,13 @@ from cnnstudy.network.memory import fits_message, host_available
 from cnnstudy.network.plan import totals
 from cnnstudy.redact import RedactingFilter, override_secret
 from cnnstudy.run import context, store
-from cnnstudy.run.lifecycle import mark_orphans, process_tags, signals_interrupt
+from cnnstudy.run.lifecycle import (
+    interrupted_by,
+    mark_orphans,
+    process_tags,
+    raise_if_signalled,
+    signals_interrupt,
+)
 from cnnstudy.run.tracking import record_setup, run_name, run_tags
 
 _EXPECTED_WARNINGS = (
@@ -359,10 +366,11 @@ def train(
         import lightning as L
         import mlflow
         from lightning.pytorch.loggers import MLFlowLogger
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         from cnnstudy.data.batches import ImageDataModule
         from cnnstudy.network.modules import build_network
-        from cnnstudy.run.classifier import Classifier, Throughput
+        from cnnstudy.run.classifier import Classifier, SignalCheck, Throughput
 
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
@@ -374,6 +382,7 @@ def train(
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         datamodule = ImageDataModule(cfg.data, seed=cfg.seed, channels_last=hardware.channels_last)
         splits = datamodule.prepare()
+        raise_if_signalled()  # nothing in MLflow yet: stop here
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         network = build_network(layers, cpu_kernels=cfg.trainer.cpu_kernels)
         if hardware.channels_last:
@@ -408,12 +417,13 @@ def train(
             run_id = request.run_id = run.info.run_id
             try:
                 record_setup(cfg, layers, splits, datamodule.mean, datamodule.std, uri)
+                raise_if_signalled()
                 counts = totals(layers)
                 logger = MLFlowLogger(
                     experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
                 )
                 throughput = Throughput()
-                callbacks = [throughput, *request.callbacks]
+                callbacks = [throughput, SignalCheck(raise_if_signalled), *request.callbacks]
                 trainer = _trainer(cfg, hardware, logger, callbacks, root_dir or os.getcwd())
                 fit_started = time.perf_counter()
                 trainer.fit(system, datamodule=datamodule)
@@ -428,10 +438,14 @@ def train(
                 )
                 if cfg.logger.log_model:
                     _log_network(network, cfg)
-            except Interrupted as stop:
+                raise_if_signalled()
+            except (Interrupted, SIGTERMException) as caught:
+                # Lightning notes SIGTERM too and may stop first, with its own SystemExit
+                # (exit code 0): either way, the signal that arrived
+                stop = caught if isinstance(caught, Interrupted) else interrupted_by(SIGTERM)
                 mlflow.set_tag("cnnstudy.killed_reason", f"{stop} during the run")
                 mlflow.end_run("KILLED")
-                raise
+                raise stop from None
             except Stopped as stop:  # a study's pruner: over, on purpose, not failed
                 mlflow.set_tag("cnnstudy.trial_state", stop.state)
                 mlflow.set_tag("cnnstudy.stopped_reason", str(stop))

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnstudy.errors import ConfigError, Interrupted, Stopped
 from cnnstudy.redact import redact_text
+from cnnstudy.run.lifecycle import raise_if_signalled, signals_interrupt
 from cnnstudy.run.store import store_lock
 from cnnstudy.study import space as spaces
 
@@ -323,7 +324,7 @@ class StudyRunner:
                 metrics = ret.return_value
             except Stopped as stop:
                 return _Outcome(stop.state, reason=str(stop), seconds=time.perf_counter() - started)
-            except (Interrupted, KeyboardInterrupt):
+            except Interrupted:
                 raise
             except Exception as err:  # noqa: BLE001 -- the trial's failure, recorded
                 return _Outcome("FAIL", reason=f"{type(err).__name__}: {err}")
@@ -428,9 +429,13 @@ class StudyRunner:
             flush=True,
         )
         try:
-            self._trials(space, client)
-        except BaseException:
+            with signals_interrupt():
+                self._trials(space, client)
+        except BaseException as stop:
             _stop_workers(workers)
+            if isinstance(stop, Interrupted):
+                client.set_tag(self.parent_run_id, "cnnstudy.killed_reason", f"{stop}")
+                client.set_terminated(self.parent_run_id, "KILLED")
             raise
         if _wait_for_workers(workers):
             raise ConfigError(
@@ -460,6 +465,7 @@ class StudyRunner:
                         warnings.filterwarnings("ignore", message="Heartbeat of storage")
                         return self.study.ask(fixed_distributions=space)
             time.sleep(1.0)
+            raise_if_signalled()
             self._mark_dead_trials(self.study)
 
     def _trials(self, space: dict[str, Any], client: Any) -> None:
@@ -467,6 +473,7 @@ class StudyRunner:
 
         s, study = self.settings, self.study
         while True:
+            raise_if_signalled()  # between trials
             if self.failures >= s.max_failures:
                 raise ConfigError(
                     f"hydra.sweeper.max_failures={s.max_failures}: {self.failures} trials "
@@ -487,10 +494,8 @@ class StudyRunner:
             with _Heartbeat(study, trial):
                 try:
                     outcome = self._run_trial(study, trial, overrides)
-                except (Interrupted, KeyboardInterrupt) as stop:
+                except Interrupted as stop:
                     self._finish(trial, _Outcome("FAIL", reason=f"stopped by {stop}"))
-                    client.set_tag(self.parent_run_id, "cnnstudy.killed_reason", f"{stop}")
-                    client.set_terminated(self.parent_run_id, "KILLED")
                     raise
             told = time.perf_counter()
             self._finish(trial, outcome)
