@@ -67,7 +67,16 @@ def test_two_calls_in_one_process_give_the_same_run_and_leave_no_state(tmp_path,
 
 
 def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
-    result, runs = train_cli(tmp_path, "-m", "trainer=smoke", "model.receptive_field=3,7")
+    result, all_runs = train_cli(
+        tmp_path,
+        "-m",
+        "trainer=smoke",
+        "model.receptive_field=3,7",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+    )
+    (parent,) = [r for r in all_runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    runs = [r for r in all_runs if r is not parent]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     # every job alike: logging the first job's model imports pytorch_lightning, which used to
     # move Lightning's messages past cnnstudy's filter for the jobs after it
     printed = result.stdout + result.stderr
@@ -79,10 +88,12 @@ def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
         10 * 50 + (13 * 13 * 10 + 1) * 200 + 2010,
         10 * 10 + (15 * 15 * 10 + 1) * 200 + 2010,
     ]
-    assert {r.info.run_name for r in runs} == {
-        "seed_example trainer=smoke model.receptive_field=3",
-        "seed_example trainer=smoke model.receptive_field=7",
-    }
+    names = sorted(r.info.run_name for r in runs)  # the grid's order is Optuna's
+    assert [n.split(": ")[0] for n in names] == ["trial 0", "trial 1"]
+    assert sorted(n.split(": ")[1] for n in names) == [
+        "model.receptive_field=3",
+        "model.receptive_field=7",
+    ]
     assert sorted(r.data.params["network.stage_outputs"] for r in runs) == [
         '["13x13x10"]',
         '["15x15x10"]',
@@ -191,16 +202,42 @@ def test_a_sweep_goes_on_past_an_invalid_job_and_exits_non_zero(tmp_path):
         "logger.log_model=false",
         "model.receptive_field=40,3",
         f"logger.artifact_location={tmp_path}/a",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
         cwd=tmp_path,
         env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert "1 of 2 combinations did not finish: model.receptive_field=40 (rejected" in (
+        result.stderr
+    )
     assert "model.receptive_field=40: conv1" in result.stderr
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "trial"]
+    assert run.data.params["model.receptive_field"] == "3"
+
+
+def test_the_basic_sweeper_stays_available_and_goes_on_past_an_invalid_job(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "hydra/sweeper=basic",
+        "trainer=smoke",
+        "logger.log_model=false",
+        "model.receptive_field=40,3",
+        f"logger.artifact_location={tmp_path}/a",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
     assert "1 job(s) of the sweep had config errors" in result.stderr
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     assert run.data.params["model.receptive_field"] == "3"
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_bf16_mixed_precision_trains_through_the_precision_plugin(tmp_path, monkeypatch):

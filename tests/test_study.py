@@ -17,7 +17,12 @@ from .conftest import BIN, run_cli
 
 pytestmark = pytest.mark.slow
 
-TINY = ("trainer=smoke", "logger.log_model=false", "trainer.num_threads=1")
+TINY = (
+    "trainer=smoke",
+    "logger.log_model=false",
+    "logger.log_images=false",
+    "trainer.num_threads=1",
+)
 
 
 def study(where: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -51,7 +56,9 @@ def runs_of(where: Path) -> list:
 
 
 def finished(trials: list) -> list:
-    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    """Complete or pruned trials that count towards n_trials: not rejected architectures."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    return [t for t in trials if t.state in done and "rejected" not in t.user_attrs]
 
 
 def test_a_study_runs_n_trials_as_child_runs_of_one_parent_and_resumes(tmp_path):
@@ -129,8 +136,16 @@ def _write_sweep(tmp_path: Path, name: str, text: str) -> Path:
     return tmp_path / "my_conf"
 
 
+def study_from_file(tmp_path: Path, name: str, text: str) -> subprocess.CompletedProcess:
+    """The study in my_conf/sweep/NAME.yaml (the header, then `text`), finished."""
+    conf = _write_sweep(tmp_path, name, text)
+    done = study(tmp_path, "--config-dir", str(conf), f"sweep={name}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_an_architecture_that_cannot_exist_is_rejected_fast_and_the_study_goes_on(tmp_path):
-    conf = _write_sweep(
+    done = study_from_file(
         tmp_path,
         "shapes",
         "hydra:\n  sweeper:\n    n_trials: 2\n"
@@ -138,16 +153,16 @@ def test_an_architecture_that_cannot_exist_is_rejected_fast_and_the_study_goes_o
         "    enqueue: [{model.receptive_field: 40}]\n"
         "    params:\n      model.receptive_field: choice(3, 5, 40)\n",
     )
-    done = study(tmp_path, "--config-dir", str(conf), "sweep=shapes")
-    assert done.returncode == 0, done.stderr[-3000:]
     trials = trials_of(tmp_path, "shapes")
-    rejected = [t for t in trials if t.state == TrialState.FAIL]
+    rejected = [t for t in trials if "rejected" in t.user_attrs]
     assert rejected and all(t.params["model.receptive_field"] == 40 for t in rejected)
-    reason = rejected[0].user_attrs["fail_reason"]
+    reason = rejected[0].user_attrs["rejected"]
     assert reason.startswith("rejected before training") and "floor((32 - 40" in reason
-    # infeasible for the sampler: Optuna's constraint value above 0
-    (constraint,) = [v for k, v in rejected[0].system_attrs.items() if "shape_check" in k]
-    assert constraint == 1.0
+    # told to the sampler as a finished trial that violates its constraint: samplers ignore
+    # failed trials, and TPE ranks an infeasible one below every feasible one
+    assert rejected[0].state == TrialState.PRUNED
+    assert rejected[0].constraints == {"shape_check": 1.0}
+    assert "REJECTED" in done.stdout
     assert (rejected[0].datetime_complete - rejected[0].datetime_start).total_seconds() < 1.0
     assert len(finished(trials)) == 2
     assert len(runs_of(tmp_path)) == 3  # the parent and two trained trials, nothing for 40
@@ -158,8 +173,9 @@ def test_a_hydra_optuna_sweeper_file_runs_with_only_the_sweeper_changed(tmp_path
         tmp_path,
         "legacy",
         # hydra-optuna-sweeper's example, with `override hydra/sweeper: cnnstudy`
+        "  - override /hydra/sweeper/sampler: tpe\n"
         "hydra:\n  sweeper:\n"
-        "    sampler:\n      _target_: optuna.samplers.TPESampler\n      seed: 123\n"
+        "    sampler:\n      seed: 123\n"
         "    direction: maximize\n    study_name: legacy\n    storage: null\n"
         "    n_trials: 2\n    n_jobs: 1\n    max_failure_rate: 0.0\n"
         "    params:\n      model.hidden_units: range(16, 64, step=16)\n"
@@ -180,10 +196,124 @@ def test_a_hydra_optuna_sweeper_file_runs_with_only_the_sweeper_changed(tmp_path
     trials = trials_of(tmp_path, "legacy")  # storage null: the default, ./optuna.db
     assert len(finished(trials)) == 2
     assert all(t.params["model.hidden_units"] in (16, 32, 48) for t in trials)  # 64 excluded
+    (parent,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert parent.data.params["study.sampler"] == "TPESampler"
+    assert '"seed": 123' in parent.data.params["study.sampler_settings"]
+
+
+def study_names(where: Path) -> list[str]:
+    from cnnstudy.run.store import store_lock
+
+    url = f"sqlite:///{where}/optuna.db"
+    with store_lock(url):
+        return optuna.get_all_study_names(url)
+
+
+def test_a_plain_comma_multirun_is_a_grid_study_that_resumes_and_retries(tmp_path):
+    failing = study(tmp_path, "model.receptive_field=3,5", "hydra.sweeper.objective=val/none")
+    assert failing.returncode == 2
+    assert "2 of 2 combinations did not finish: model.receptive_field=" in failing.stderr
+    assert "objective val/none is None" in failing.stderr and "Traceback" not in failing.stderr
+    (name,) = study_names(tmp_path)  # named after the command: the same command resumes it
+    assert name.startswith("multirun ") and "model.receptive_field=3,5" in name
+    trials = trials_of(tmp_path, name)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert {t.params["model.receptive_field"] for t in trials} == {3, 5}
+
+    done = study(tmp_path, "model.receptive_field=3,5")  # the failed combinations, again
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, name)
+    assert len(trials) == 4
+    assert sorted(t.params["model.receptive_field"] for t in finished(trials)) == [3, 5]
+    runs = runs_of(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert parent.data.params["study.sampler"] == "GridSampler"
+    assert parent.data.params["study.n_trials"] == "2"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4  # the failed trials trained too; their runs stay
+    assert "best: trial" in done.stdout
+
+    again = study(tmp_path, "model.receptive_field=3,5")
+    assert again.returncode == 0 and len(trials_of(tmp_path, name)) == 4  # nothing left
+
+
+def test_several_objectives_give_a_pareto_front(tmp_path):
+    import yaml
+
+    done = study_from_file(
+        tmp_path,
+        "size",
+        "hydra:\n  sweeper:\n    n_trials: 3\n    sampler: nsgaii\n"
+        "    objective: [val/acc, model/params]\n    direction: [maximize, minimize]\n"
+        "    enqueue: [{model.hidden_units: 8}, {model.hidden_units: 64}]\n"
+        "    params:\n      model.hidden_units: choice(8, 64, 256)\n",
+    )
+    (results,) = tmp_path.glob("multirun/*/*/results.yaml")
+    front = yaml.safe_load(results.read_text())["pareto_front"]
+    from cnnstudy.run.store import store_lock
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    with store_lock(url):
+        loaded = optuna.load_study(study_name="size", storage=url)
+        best = sorted(t.number for t in loaded.best_trials)
+    assert [entry["trial"] for entry in front] == best and best
+    for entry in front:
+        assert len(entry["values"]) == 2 and entry["reproduce"].startswith("cnnstudy-train ")
+        assert entry["mlflow_run_id"]
+    assert "Pareto front (val/acc, model/params):" in done.stdout
+    (parent,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert parent.data.params["study.sampler"] == "NSGAIISampler"
+    assert parent.data.tags["pareto.trials"] == ",".join(map(str, best))
+
+
+def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_failed_and_retried(tmp_path):
+    """A RUNNING trial from a host this one cannot see: its heartbeat, not its pid, says
+    it is dead. Named sampler and pruner on the command line."""
+    import sqlite3
+
+    from cnnstudy.study.sweep import make_storage
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    lost = optuna.create_study(
+        study_name="hidden_units", storage=make_storage(url), direction="maximize"
+    )
+    units = optuna.distributions.IntDistribution(8, 1024, log=True)
+    trial = lost.ask({"model.hidden_units": units})
+    trial.set_user_attr("cnnstudy.host", "elsewhere")
+    trial.set_user_attr("cnnstudy.pid", "4242")
+    lost._storage.record_heartbeat(trial._trial_id)
+    with sqlite3.connect(tmp_path / "optuna.db") as db:  # its last beat, 10 minutes ago
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-10 minutes')")
+
+    done = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.enqueue=[]",
+        "hydra.sweeper.retry_failed=1",
+        "hydra.sweeper.sampler=qmc",
+        "hydra.sweeper.pruner=median",
+        "model.hidden_units=int(tag(log, interval(8, 1024)))",
+        "optimizer.lr=0.01",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(tmp_path, "hidden_units")
+    assert trials[0].state == TrialState.FAIL
+    assert "no heartbeat for over" in trials[0].user_attrs["fail_reason"]
+    assert "process 4242 on elsewhere" in trials[0].user_attrs["fail_reason"]
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retried) == 1 and retried[0].params == trials[0].params
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len(finished(trials)) == 2
+    (parent,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert (parent.data.params["study.sampler"], parent.data.params["study.pruner"]) == (
+        "QMCSampler",
+        "MedianPruner",
+    )
 
 
 def test_a_pruner_prunes_a_trial_inside_training(tmp_path):
-    conf = _write_sweep(
+    study_from_file(
         tmp_path,
         "prune",
         "trainer: {max_epochs: 4, limit_train_batches: 3}\n"
@@ -192,8 +322,6 @@ def test_a_pruner_prunes_a_trial_inside_training(tmp_path):
         "    enqueue: [{optimizer.lr: 0.01}, {optimizer.lr: 30.0}]\n"
         "    params:\n      optimizer.lr: choice(0.01, 30.0)\n",
     )
-    done = study(tmp_path, "--config-dir", str(conf), "sweep=prune")
-    assert done.returncode == 0, done.stderr[-3000:]
     trials = trials_of(tmp_path, "prune")
     states = {t.params["optimizer.lr"]: t.state for t in trials}
     assert states == {0.01: TrialState.COMPLETE, 30.0: TrialState.PRUNED}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cnnstudy.redact import override_secret, redact, redact_text
 from cnnstudy.run.tracking import flatten
 
@@ -49,22 +51,33 @@ def test_hydra_escaped_overrides_are_redacted_too():
     )
 
 
-def test_no_secret_reaches_the_terminal_in_a_multirun(tmp_path):
-    """Hydra's launch lines, each job's error and cnnstudy's summary of failed jobs."""
+@pytest.mark.parametrize("sweeper", ["cnnstudy", "basic"])
+def test_no_secret_reaches_the_terminal_in_a_multirun(tmp_path, sweeper):
+    """The study's early error; with Hydra's basic sweeper, its launch lines, each job's
+    error and cnnstudy's summary of failed jobs."""
     from .conftest import run_cli
 
     result = run_cli(
         "cnnstudy-train",
         "-m",
+        f"hydra/sweeper={sweeper}",
         "trainer=smoke",
         "+logger.tags.api_token=abc123secret",
         "logger.tracking_uri=postgresql://u:s3cr3tpw@127.0.0.1:1/db",
         "model.receptive_field=3,5",
+        *(
+            [f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db"]
+            if sweeper == "cnnstudy"
+            else []
+        ),
         cwd=tmp_path,
     )
     assert result.returncode == 2
     seen = result.stdout + result.stderr
-    assert "#1 : " in seen and "2 job(s) of the sweep had config errors" in seen
+    if sweeper == "basic":
+        assert "#1 : " in seen and "2 job(s) of the sweep had config errors" in seen
+    else:
+        assert "Traceback" not in seen and "psycopg2" in seen
     assert "s3cr3tpw" not in seen and "abc123secret" not in seen
     assert "postgresql://u:***@127.0.0.1:1/db" in seen
 

@@ -100,6 +100,8 @@ class LoggerConfig:
     experiment_name: str = "cnnstudy"
     artifact_location: str = "mlartifacts"  # for new experiments; relative paths start at the cwd
     log_model: bool = True  # log the trained network (torch.export archive) to the run
+    # pictures: first-layer filters, feature maps, confusion matrix, misclassified images
+    log_images: bool = True
     run_name: str = ""  # empty: named after the overrides, i.e. what was varied
     tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
     parent_run_id: str = ""  # nest the run under this one (a study's trial: set by the sweeper)

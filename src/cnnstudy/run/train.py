@@ -436,6 +436,11 @@ def train(
                 metrics.update(
                     {"model/params": counts["params"], "model/connections": counts["connections"]}
                 )
+                if cfg.logger.log_images:
+                    from cnnstudy.run.pictures import log_pictures
+
+                    drawn = log_pictures(network, datamodule.test_dataloader(), splits.classes)
+                    mlflow.log_metric("time/pictures_s", drawn)
                 if cfg.logger.log_model:
                     _log_network(network, cfg)
                 raise_if_signalled()

@@ -14,10 +14,17 @@ The sweeper plugin (hydra_plugins/cnnstudy_sweeper) hands `run_study` its settin
 
 Re-running the same command resumes: trials that finished (complete or pruned) count
 towards `n_trials`; trials left RUNNING by a dead process are marked FAIL.
+
+A plain comma multirun (`cnnstudy-train -m model.hidden_units=50,100 model.pool=max,avg`,
+no sweep file) is a grid study: every combination once, named after the command, so that
+the same command resumes it and retries the combinations that failed.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import math
 import os
 import signal
@@ -37,11 +44,13 @@ from cnnstudy.errors import ConfigError, Interrupted, Stopped
 from cnnstudy.redact import redact_text
 from cnnstudy.run.lifecycle import raise_if_signalled, signals_interrupt
 from cnnstudy.run.store import store_lock
+from cnnstudy.study import samplers
 from cnnstudy.study import space as spaces
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_S = 20
 SHAPE_CONSTRAINT = "shape_check"
+REJECTED = "rejected"  # user attribute of a trial whose network failed the shape check
 
 
 @dataclass
@@ -50,7 +59,7 @@ class Settings:
 
     study_name: str | None = None
     storage: str | None = None
-    n_trials: int = 20
+    n_trials: int | None = None  # default: 20, or every combination of a grid
     objective: Any = "val/acc"
     direction: Any = "maximize"
     directions: list[str] | None = None
@@ -60,6 +69,7 @@ class Settings:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     seeds: int = 1
     max_failures: int = 5
+    retry_failed: int = 0  # times a trial whose process died is run again, same parameters
     n_jobs: int = 1
     max_failure_rate: float | None = None  # hydra-optuna-sweeper's key, accepted
 
@@ -82,19 +92,20 @@ def _check(settings: Settings) -> None:
     def fail(key: str, value: Any, why: str) -> None:
         raise ConfigError(f"hydra.sweeper.{key}={value}: {why}")
 
-    if settings.n_trials < 1:
+    if settings.n_trials is not None and settings.n_trials < 1:
         fail("n_trials", settings.n_trials, "must be at least 1")
     if settings.seeds < 1:
         fail("seeds", settings.seeds, "must be at least 1")
     if settings.n_jobs < 1:
         fail("n_jobs", settings.n_jobs, "must be at least 1")
     for name in settings.objectives:
-        if not name.startswith(("val/", "train/")):
+        if not name.startswith(("val/", "train/", "model/")):
             fail(
                 "objective",
                 name,
-                "a study selects on validation (or training) metrics, e.g. val/acc, val/loss; "
-                "test metrics are reported, never selected on",
+                "a study selects on validation (or training) metrics, e.g. val/acc, val/loss, "
+                "and on the network's size (model/params); test metrics are reported, never "
+                "selected on",
             )
     if len(settings.all_directions) != len(settings.objectives):
         fail("directions", settings.all_directions, "needs one direction per objective")
@@ -119,17 +130,39 @@ def make_storage(url: str) -> Any:
 
         path = url.removeprefix("journal://")
         return optuna.storages.JournalStorage(JournalFileBackend(path))
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*heartbeat_interval.*")  # experimental
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S
+        )
 
 
-def _instantiate(node: Any, **extra: Any) -> Any:
-    from hydra.utils import instantiate
+def tell(study: Any, trial: Any, told: Any) -> bool:
+    """study.tell with values, or with a state; whether the sampler has exhausted its space.
+    Samplers that can (brute force) call study.stop(), which raises outside
+    study.optimize: the trial is stored by then, and the study loop stops."""
+    from optuna.trial import TrialState
 
-    if node is None or (isinstance(node, (dict, DictConfig)) and not node.get("_target_")):
-        return None
-    return instantiate(node, **extra, _convert_="all")
+    try:
+        if isinstance(told, TrialState):
+            study.tell(trial, state=told)
+        else:
+            study.tell(trial, told)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+        return True
+    return False
+
+
+def _key(params: dict[str, Any]) -> str:
+    return repr(sorted(params.items()))
+
+
+def _product(values: Any) -> list[tuple[Any, ...]]:
+    import itertools
+
+    return list(itertools.product(*values))
 
 
 @dataclass
@@ -149,6 +182,7 @@ class StudyRunner:
         self.loader = loader
         self.job_idx = 0
         self.failures = 0
+        self.exhausted = False  # the sampler has covered its whole space
         self.timings: list[dict[str, float]] = []  # sampler and storage time per trial
 
     # ------------------------------------------------------------------ set-up
@@ -184,40 +218,84 @@ class StudyRunner:
                     f"hydra.sweeper.direction={s.all_directions}: study {name} was created "
                     f"with {[d.name.lower() for d in study.directions]}"
                 )
-        # the plugin hands plain data (Settings)
-        sampler_cfg = OmegaConf.create(
-            s.sampler or {"_target_": "optuna.samplers.TPESampler", "seed": 0}
+        study.sampler = samplers.build_sampler(
+            self.sampler_spec, trials_before=len(study.trials), grid=self.grid
         )
-        extra: dict[str, Any] = {}
-        if "seed" in sampler_cfg and sampler_cfg.seed is not None:
-            # a rebuilt seeded sampler must not repeat the draws of the trials before it
-            extra["seed"] = int(sampler_cfg.seed) + len(study.trials)
-        if str(sampler_cfg.get("_target_", "")).endswith("GridSampler"):
-            extra["search_space"] = spaces.grid(space)
-        study.sampler = _instantiate(sampler_cfg, **extra)
-        study.pruner = _instantiate(s.pruner) or optuna.pruners.NopPruner()
+        study.pruner = samplers.build_pruner(self.pruner_spec)
         return study
 
+    def _sweep_file(self) -> str | None:
+        choice = self.config.hydra.runtime.choices.get("sweep")
+        return None if choice is None else str(choice)
+
     def _default_name(self) -> str:
-        choices = self.config.hydra.runtime.choices
-        return str(choices.get("sweep") or "cnnstudy-study")
+        """The sweep file's name; for a plain multirun, its command (the same command
+        resumes the same study)."""
+        if self._sweep_file():
+            return self._sweep_file()
+        command = redact_text(" ".join(sorted(self.arguments)))
+        name = f"multirun {command}".strip()
+        if len(name) > 200:
+            digest = hashlib.sha1(command.encode()).hexdigest()[:10]
+            name = f"{name[:180]} ... {digest}"
+        return name
+
+    def _choose_sampler(self, space: dict[str, Any]) -> None:
+        """The sampler: as set; else grid for a plain multirun of values (Hydra's meaning,
+        every combination once), TPE otherwise."""
+        spec = samplers.spec("sampler", self.settings.sampler)
+        if spec is None:
+            plain = not self._sweep_file() and not self.settings.params
+            try:
+                spaces.grid(space)
+            except ConfigError:
+                plain = False
+            spec = samplers.spec("sampler", "grid" if plain else "tpe")
+        self.sampler_spec = spec
+        self.pruner_spec = samplers.spec("pruner", self.settings.pruner)
+        self.grid = spaces.grid(space) if samplers.is_grid(spec) else None
+        if self.grid is not None:
+            keys = list(self.grid)
+            self.points = [dict(zip(keys, v, strict=True)) for v in _product(self.grid.values())]
+        default = len(self.points) if self.grid is not None else 20
+        self.target = self.settings.n_trials or default
 
     def _mark_dead_trials(self, study: Any) -> None:
         """RUNNING trials whose process is gone (this machine) or whose heartbeat stopped
-        (any machine) are marked FAIL, with the reason."""
+        (any machine) are marked FAIL, with the reason; with `retry_failed`, their
+        parameters are queued to run again."""
         import optuna
         from optuna.trial import TrialState
 
         from cnnstudy.run.lifecycle import gone
 
+        storage = study._storage
+        stale: set[int] = set()
+        if _beating(study) is not None:
+            # what optuna.storages.fail_stale_trials does, keeping the reason on the trial
+            stale = set(storage._get_stale_trial_ids(study._study_id))
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             why = gone(trial.user_attrs)
-            if why:
-                study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", why)
-                study.tell(trial.number, state=TrialState.FAIL)
-                print(f"trial {trial.number}: marked FAIL ({why})", flush=True)
-        if isinstance(study._storage, optuna.storages.RDBStorage):
-            optuna.storages.fail_stale_trials(study)
+            if not why and trial._trial_id in stale:
+                host = trial.user_attrs.get("cnnstudy.host", "?")
+                why = (
+                    f"no heartbeat for over {3 * HEARTBEAT_S} s from process "
+                    f"{trial.user_attrs.get('cnnstudy.pid', '?')} on {host}"
+                )
+            if not why:
+                continue
+            try:
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", why)
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another process marked it first
+            print(f"trial {trial.number}: marked FAIL ({why})", flush=True)
+            retries = int(trial.user_attrs.get("retries", 0))
+            if retries < self.settings.retry_failed and trial.params:
+                study.enqueue_trial(
+                    dict(trial.params),
+                    user_attrs={"retries": retries + 1, "retry_of": trial.number},
+                )
 
     def _parent_run(self, study: Any, space: dict[str, Any]) -> tuple[str, str, str]:
         """(tracking URI, experiment id, run id) of the study's MLflow parent run, created
@@ -255,11 +333,13 @@ class StudyRunner:
         params = {
             "study.name": study.study_name,
             "study.storage": redact_text(s.storage or DEFAULT_STORAGE),
-            "study.n_trials": str(s.n_trials),
+            "study.n_trials": str(self.target),
             "study.objective": ",".join(s.objectives),
             "study.directions": ",".join(s.all_directions),
             "study.sampler": type(study.sampler).__name__,
             "study.pruner": type(study.pruner).__name__,
+            "study.sampler_settings": redact_text(json.dumps(self.sampler_spec, default=str)),
+            "study.pruner_settings": redact_text(json.dumps(self.pruner_spec, default=str)),
             "study.seeds": str(s.seeds),
             "study.search_space": spaces.describe(space)[:6000],
         }
@@ -293,7 +373,7 @@ class StudyRunner:
         except ConfigError as err:
             trial.set_constraint(SHAPE_CONSTRAINT, 1.0)
             return _Outcome(
-                "FAIL",
+                "REJECTED",
                 reason=f"rejected before training: {err}",
                 seconds=time.perf_counter() - started,
             )
@@ -379,19 +459,20 @@ class StudyRunner:
         return [PruneOnValidation(trial, self.settings.objectives[0])]
 
     def _finish(self, trial: Any, outcome: _Outcome) -> None:
+        """Tell Optuna. A rejected architecture is told PRUNED with its shape constraint
+        violated: samplers learn only from finished (complete or pruned) trials, and TPE
+        ranks an infeasible one below every feasible one, so it learns to avoid the region.
+        It does not count towards n_trials (user attribute `rejected`)."""
         from optuna.trial import TrialState
 
         if outcome.reason:
-            trial.set_user_attr(
-                "fail_reason" if outcome.state == "FAIL" else "reason", outcome.reason
-            )
+            key = {"FAIL": "fail_reason", "REJECTED": REJECTED}.get(outcome.state, "reason")
+            trial.set_user_attr(key, outcome.reason)
         if outcome.run_id:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
-        state = getattr(TrialState, outcome.state)
-        if state == TrialState.COMPLETE:
-            self.study.tell(trial, outcome.values)
-        else:
-            self.study.tell(trial, state=state)
+        state = getattr(TrialState, "PRUNED" if outcome.state == "REJECTED" else outcome.state)
+        if tell(self.study, trial, outcome.values if state == TrialState.COMPLETE else state):
+            self.exhausted = True
 
     # ------------------------------------------------------------------ the loop
 
@@ -400,9 +481,12 @@ class StudyRunner:
 
         s = self.settings
         _check(s)
+        self.arguments = arguments
+        self.started = datetime.datetime.now()  # Optuna's own clock: naive local time
         file_params = [f"{k}={v}" for k, v in (s.params or {}).items()]
         space, fixed = spaces.parse([*file_params, *arguments])
-        if not space:
+        self._choose_sampler(space)
+        if not space and self.grid is None:
             raise ConfigError(
                 "the study has no search space: give hydra.sweeper.params in the sweep file "
                 "or sweeps on the command line (model.hidden_units=int(interval(16, 512)))"
@@ -424,7 +508,7 @@ class StudyRunner:
             workers = _start_workers(s.n_jobs - 1, threads)
         print(
             f"study {study.study_name} in {redact_text(s.storage or DEFAULT_STORAGE)}: "
-            f"{self._finished()} of {s.n_trials} trials finished; MLflow parent run "
+            f"{self._finished()} of {self.target} trials finished; MLflow parent run "
             f"{self.parent_run_id}",
             flush=True,
         )
@@ -457,9 +541,15 @@ class StudyRunner:
             with store_lock(self.url):
                 finished = self._finished()
                 running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-                if finished >= self.settings.n_trials:
+                if finished >= self.target:
                     return None
-                if finished + running < self.settings.n_trials:
+                more = finished + running < self.target
+                if self.grid is not None:
+                    pending = self._grid_pending()
+                    if not pending and not running:
+                        return None  # every combination tried in this command
+                    more = more and pending
+                if more:
                     with warnings.catch_warnings():
                         # heartbeats are recorded here (_Heartbeat), not by study.optimize
                         warnings.filterwarnings("ignore", message="Heartbeat of storage")
@@ -481,7 +571,7 @@ class StudyRunner:
                     "the study stops. Fix the cause and run the same command to resume"
                 )
             asked = time.perf_counter()
-            trial = self._ask(space)
+            trial = None if self.exhausted else self._ask(space)
             if trial is None:
                 return
             ask_s = time.perf_counter() - asked
@@ -507,15 +597,67 @@ class StudyRunner:
                     "trial_s": outcome.seconds,
                 }
             )
-            if outcome.state == "FAIL" and not outcome.reason.startswith("rejected"):
+            if outcome.state == "FAIL":
                 self.failures += 1
             self._report(trial, outcome, client)
 
     def _finished(self) -> int:
+        """Complete or pruned trials, not counting rejected architectures."""
         from optuna.trial import TrialState
 
         done = (TrialState.COMPLETE, TrialState.PRUNED)
-        return len(self.study.get_trials(deepcopy=False, states=done))
+        trials = self.study.get_trials(deepcopy=False, states=done)
+        return sum(REJECTED not in t.user_attrs for t in trials)
+
+    # ------------------------------------------------------------------ grids
+
+    def _point_trials(self) -> list[tuple[dict[str, Any], list[Any]]]:
+        """Each combination of the grid with its trials."""
+        by_params: dict[str, list[Any]] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            params = trial.params or trial.system_attrs.get("fixed_params", {})  # WAITING
+            by_params.setdefault(_key(params), []).append(trial)
+        return [(point, by_params.get(_key(point), [])) for point in self.points]
+
+    def _grid_pending(self) -> int:
+        """How many combinations still to try in this command (under the storage lock).
+        One that failed in an earlier command is queued again (Optuna's grid sampler
+        counts a failed combination as visited); one tried in this command waits for the
+        next command."""
+        from optuna.trial import TrialState
+
+        pending = 0
+        for point, trials in self._point_trials():
+            states = {t.state for t in trials}
+            if states & {TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING}:
+                continue
+            if TrialState.WAITING in states or not trials:
+                pending += 1
+                continue
+            if all(t.datetime_start is None or t.datetime_start < self.started for t in trials):
+                self.study.enqueue_trial(point, user_attrs={"retry": True})
+                pending += 1
+        return pending
+
+    def _grid_unfinished(self) -> list[str]:
+        """The combinations with no finished trial, each with its last reason."""
+        from optuna.trial import TrialState
+
+        unfinished = []
+        for point, trials in self._point_trials():
+            done = [
+                t
+                for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                and REJECTED not in t.user_attrs
+            ]
+            if done:
+                continue
+            last = trials[-1].user_attrs if trials else {}
+            why = last.get(REJECTED) or last.get("fail_reason") or "not run"
+            combination = " ".join(f"{k}={spaces.override_value(v)}" for k, v in point.items())
+            unfinished.append(f"{combination} ({why})")
+        return unfinished
 
     def _best(self) -> Any:
         from optuna.trial import TrialState
@@ -524,6 +666,16 @@ class StudyRunner:
         if not complete or len(self.settings.objectives) > 1:
             return None
         return self.study.best_trial
+
+    def _pareto(self) -> list[Any]:
+        """The Pareto front of a study with several objectives (complete trials)."""
+        from optuna.trial import TrialState
+
+        if len(self.settings.objectives) < 2:
+            return []
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return []
+        return sorted(self.study.best_trials, key=lambda t: t.number)
 
     def _report(self, trial: Any, outcome: _Outcome, client: Any) -> None:
         best = self._best()
@@ -534,6 +686,11 @@ class StudyRunner:
             client.log_metric(self.parent_run_id, "best/value", best.value, step=trial.number)
             client.set_tag(self.parent_run_id, "best.trial", str(best.number))
             client.set_tag(self.parent_run_id, "best.params", str(best.params)[:5000])
+        front = self._pareto()
+        if front:
+            numbers = ",".join(str(t.number) for t in front)
+            line += f"  Pareto front: trials {numbers}"
+            client.set_tag(self.parent_run_id, "pareto.trials", numbers[:5000])
         line += f"  {outcome.seconds:.1f} s"
         if outcome.reason:
             line += f"  ({outcome.reason[:200]})"
@@ -552,15 +709,14 @@ class StudyRunner:
             "finished": self._finished(),
         }
         if best is not None:
-            params = [f"{k}={spaces.override_value(v)}" for k, v in best.params.items()]
-            command = "cnnstudy-train " + " ".join([*self.fixed, *params])
+            found = self._reproduction(best)
             results.update(
                 {
                     "best_trial": best.number,
                     "best_value": best.value,
-                    "best_params": dict(best.params),
-                    "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id", ""),
-                    "reproduce": redact_text(command),
+                    "best_params": found["params"],
+                    "best_mlflow_run_id": found["mlflow_run_id"],
+                    "reproduce": found["reproduce"],
                 }
             )
             print(
@@ -568,6 +724,16 @@ class StudyRunner:
                 f"MLflow run {results['best_mlflow_run_id']}\nreproduce: {results['reproduce']}",
                 flush=True,
             )
+        front = self._pareto()
+        if front:
+            results["pareto_front"] = [self._reproduction(t) for t in front]
+            print(f"Pareto front ({', '.join(self.settings.objectives)}):", flush=True)
+            for entry in results["pareto_front"]:
+                values = " ".join(f"{v:.4f}" for v in entry["values"])
+                print(f"  trial {entry['trial']}: {values}  {entry['reproduce']}", flush=True)
+        unfinished = self._grid_unfinished() if self.grid is not None else []
+        if unfinished:
+            results["unfinished"] = unfinished
         results["timings"] = self.timings
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
@@ -581,7 +747,36 @@ class StudyRunner:
             f"{experiment}/runs/{self.parent_run_id}  (cnnstudy-ui serves them)",
             flush=True,
         )
+        if unfinished:
+            raise ConfigError(
+                f"{len(unfinished)} of {len(self.points)} combinations did not finish: "
+                f"{'; '.join(unfinished)}. The same command retries the failed ones "
+                "(a rejected one "
+                "fails again until its config changes)"
+            )
         return [results]
+
+    def _reproduction(self, trial: Any) -> dict[str, Any]:
+        params = [f"{k}={spaces.override_value(v)}" for k, v in trial.params.items()]
+        command = "cnnstudy-train " + " ".join([*self.fixed, *params])
+        return {
+            "trial": trial.number,
+            "values": list(trial.values),
+            "params": dict(trial.params),
+            "mlflow_run_id": trial.user_attrs.get("mlflow_run_id", ""),
+            "reproduce": redact_text(command),
+        }
+
+
+def _beating(study: Any) -> Any:
+    """The study's storage where it keeps heartbeats (a database; Optuna wraps it in a
+    cache), or None (a journal file keeps none)."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = study._storage
+    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+        return storage
+    return None
 
 
 class _Heartbeat:
@@ -594,10 +789,8 @@ class _Heartbeat:
         self.thread: threading.Thread | None = None
 
     def __enter__(self) -> _Heartbeat:
-        import optuna
-
-        storage = self.study._storage
-        if isinstance(storage, optuna.storages.RDBStorage):
+        storage = _beating(self.study)
+        if storage is not None:
             storage.record_heartbeat(self.trial._trial_id)
 
             def beat() -> None:

@@ -19,21 +19,24 @@ class CnnstudySweeperConf:
 
     _target_: str = "hydra_plugins.cnnstudy_sweeper.sweeper.CnnstudySweeper"
     _recursive_: bool = False  # sampler and pruner are built by the study, seeds adjusted
-    study_name: str | None = None  # default: the sweep file's name
+    # `override hydra/sweeper/sampler: tpe` (hydra-optuna-sweeper's group) works too
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"sampler": None}])
+    study_name: str | None = None  # default: the sweep file's name, or the multirun's command
     storage: str | None = None  # default: sqlite:///optuna.db in the current folder
-    n_trials: int = 20  # finished (complete or pruned) trials in total, over every run
+    n_trials: int | None = None  # finished trials in total, over every run; default 20 (grid: all)
     objective: Any = "val/acc"  # a validation metric, or a list of them
     direction: Any = "maximize"  # or minimize; a list for several objectives
     directions: Any = None  # hydra-optuna-sweeper's spelling of a list of directions
-    sampler: Any = field(
-        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 0}
-    )
-    pruner: Any = None  # an optuna.pruners class as _target_; null: none
+    # a name (tpe, random, grid, gp, cmaes, nsgaii, qmc), {name: ..., args}, {_target_: ...}
+    # or {hub: PACKAGE, class: NAME}; default: grid for a plain comma multirun, else tpe
+    sampler: Any = None
+    pruner: Any = None  # a name (median, percentile, successive_halving, hyperband, wilcoxon)
     params: dict[str, str] | None = None  # search space, Hydra's override grammar
     enqueue: list[Any] = field(default_factory=list)  # trials run first ({key: value})
     seeds: int = 1  # seeds per sampled configuration; the objective is their mean
     max_failures: int = 5  # failed trials (not rejected architectures) before stopping
-    n_jobs: int = 1  # trials at once (1 for now)
+    retry_failed: int = 0  # times a trial whose process died is run again, same parameters
+    n_jobs: int = 1  # trials at once: worker processes with cores / n_jobs threads each
     max_failure_rate: float | None = None  # hydra-optuna-sweeper's key: accepted, unused
     search_space: Any = None  # hydra-optuna-sweeper's old key: use params
     custom_search_space: Any = None  # hydra-optuna-sweeper's: not supported
@@ -42,6 +45,19 @@ class CnnstudySweeperConf:
 ConfigStore.instance().store(
     group="hydra/sweeper", name="cnnstudy", node=CnnstudySweeperConf, provider="cnnstudy"
 )
+
+
+def _store_samplers() -> None:
+    from cnnstudy.study.samplers import SAMPLERS, UNSEEDED
+
+    for name, target in SAMPLERS.items():
+        node = {"_target_": target} if name in UNSEEDED else {"_target_": target, "seed": 0}
+        ConfigStore.instance().store(
+            group="hydra/sweeper/sampler", name=name, node=node, provider="cnnstudy"
+        )
+
+
+_store_samplers()
 
 
 class CnnstudySweeper(Sweeper):

@@ -1,0 +1,179 @@
+"""Samplers and pruners by name: each builds Optuna's own class and drives a study over a
+cnnstudy search space, rejected architectures included (no training here: the study
+commands are in test_study.py)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cnnstudy.errors import ConfigError
+from cnnstudy.study import samplers
+from cnnstudy.study import space as spaces
+from cnnstudy.study.sweep import tell
+
+MIXED = [
+    "model.receptive_field=choice(3, 5, 7, 40)",
+    "model.hidden_units=int(interval(16, 256))",
+    "optimizer.lr=tag(log, interval(0.001, 0.1))",
+]
+DISCRETE = ["model.receptive_field=3,5,40", "model.hidden_units=range(16, 80, step=32)"]
+
+
+def _drive(sampler: object, space: dict, n: int, directions: list[str]) -> optuna.Study:
+    """n trials: a receptive field of 40 fails the shape check (told as the sweeper does:
+    pruned, constraint violated); the others get a value computed from their parameters."""
+    study = optuna.create_study(directions=directions, sampler=sampler)
+    for _ in range(n):
+        trial = study.ask(fixed_distributions=space)
+        field = trial.params["model.receptive_field"]
+        if field == 40:
+            trial.set_constraint("shape_check", 1.0)
+            told = TrialState.PRUNED
+        else:
+            trial.set_constraint("shape_check", 0.0)
+            units = trial.params["model.hidden_units"]
+            told = [0.9 - abs(field - 5) * 0.01 - abs(math.log(units) - 4), float(units)]
+            told = told[: len(directions)]
+        if tell(study, trial, told):
+            break  # the sampler covered its space
+    return study
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("tpe", "TPESampler"),
+        ("random", "RandomSampler"),
+        ("gp", "GPSampler"),
+        ("cmaes", "CmaEsSampler"),
+        ("nsgaii", "NSGAIISampler"),
+        ("nsga2", "NSGAIISampler"),
+        ("nsgaiii", "NSGAIIISampler"),
+        ("qmc", "QMCSampler"),
+        ("grid", "GridSampler"),
+        ("bruteforce", "BruteForceSampler"),
+    ],
+)
+def test_every_named_sampler_is_optunas_own_and_drives_a_study(name, cls):
+    discrete = name in ("grid", "bruteforce")
+    space, _ = spaces.parse(DISCRETE if discrete else MIXED)
+    spec = samplers.spec("sampler", name)
+    sampler = samplers.build_sampler(
+        spec, trials_before=0, grid=spaces.grid(space) if discrete else None
+    )
+    assert type(sampler).__name__ == cls
+    assert isinstance(sampler, getattr(optuna.samplers, cls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental samplers, CMA-ES on categorical keys
+        directions = ["maximize", "minimize"] if name.startswith("nsga") else ["maximize"]
+        study = _drive(sampler, space, 6, directions)
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
+    for trial in trials:
+        for key, value in trial.params.items():
+            assert space[key]._contains(space[key].to_internal_repr(value))
+    if name != "grid":
+        assert spec["seed"] == 0  # seeded by default
+
+
+def test_a_resumed_seeded_sampler_starts_from_a_new_seed():
+    space, _ = spaces.parse(MIXED)
+    spec = samplers.spec("sampler", {"name": "random", "seed": 3})
+
+    def first(trials_before: int, attempt: int = 0) -> dict:
+        sampler = samplers.build_sampler(spec, trials_before=trials_before)
+        return optuna.create_study(sampler=sampler).ask(fixed_distributions=space).params
+
+    assert first(0) == first(0)  # seeded
+    assert first(0) != first(5)  # resumed after 5 trials: not the same draws again
+
+
+def test_tpe_learns_to_avoid_rejected_architectures_only_when_told_they_finished():
+    """Told FAIL, TPE never sees a rejected trial and keeps drawing the region; told
+    PRUNED with the constraint violated (what the sweeper does), it draws it less."""
+    space, _ = spaces.parse(
+        [
+            "model.receptive_field=choice(3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25)",
+            "optimizer.lr=tag(log, interval(0.001, 0.1))",
+        ]
+    )
+    rejected_late = {}
+    for told in (TrialState.PRUNED, TrialState.FAIL):
+        study = optuna.create_study(
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=0)
+        )
+        count = 0
+        for number in range(60):
+            trial = study.ask(fixed_distributions=space)
+            field = trial.params["model.receptive_field"]
+            if field > 13:  # half the choices cannot exist
+                trial.set_constraint("shape_check", 1.0)
+                study.tell(trial, state=told)
+                count += number >= 30
+            else:
+                trial.set_constraint("shape_check", 0.0)
+                study.tell(trial, 0.9 - abs(field - 7) * 0.01)
+        rejected_late[told] = count
+    assert rejected_late[TrialState.PRUNED] < rejected_late[TrialState.FAIL]
+    assert rejected_late[TrialState.PRUNED] < 15  # below half of trials 30-59
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("median", "MedianPruner"),
+        ("percentile", "PercentilePruner"),
+        ("successive_halving", "SuccessiveHalvingPruner"),
+        ("successive-halving", "SuccessiveHalvingPruner"),
+        ("hyperband", "HyperbandPruner"),
+        ("wilcoxon", "WilcoxonPruner"),
+        ("none", "NopPruner"),
+    ],
+)
+def test_every_named_pruner_is_optunas_own(name, cls):
+    pruner = samplers.build_pruner(samplers.spec("pruner", name))
+    assert type(pruner).__name__ == cls
+    assert type(samplers.build_pruner(None)).__name__ == "NopPruner"
+
+
+def test_a_named_sampler_takes_its_arguments_and_a_wrong_name_says_what_is_valid():
+    sampler = samplers.build_sampler(
+        samplers.spec("sampler", {"name": "tpe", "n_startup_trials": 3, "seed": 7}),
+        trials_before=0,
+    )
+    assert sampler._n_startup_trials == 3
+    with pytest.raises(ConfigError, match=r"sampler=annealing: unknown sampler; valid names: tpe"):
+        samplers.spec("sampler", "annealing")
+    with pytest.raises(ConfigError, match=r"MedianPruner could not be built: TypeError"):
+        samplers.build_pruner(samplers.spec("pruner", {"name": "median", "n_warmup": 1}))
+
+
+def test_an_optunahub_sampler_loads_from_a_local_registry(tmp_path):
+    package = tmp_path / "registry" / "samplers" / "half_random"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import optuna\n\n\nclass HalfRandomSampler(optuna.samplers.RandomSampler):\n"
+        "    def __init__(self, seed=None, label='x'):\n"
+        "        super().__init__(seed=seed)\n        self.label = label\n"
+    )
+    spec = samplers.spec(
+        "sampler",
+        {
+            "hub": "samplers/half_random",
+            "class": "HalfRandomSampler",
+            "registry_root": str(tmp_path / "registry"),
+            "seed": 1,
+            "label": "from the hub",
+        },
+    )
+    sampler = samplers.build_sampler(spec, trials_before=0)
+    assert type(sampler).__name__ == "HalfRandomSampler" and sampler.label == "from the hub"
+    space, _ = spaces.parse(MIXED)
+    assert len(_drive(sampler, space, 3, ["maximize"]).trials) == 3
+    with pytest.raises(ConfigError, match="has no such class"):
+        samplers.build_sampler({**spec, "class": "Nope"}, trials_before=0)
