@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test test-fast ui bench lint clean
+.PHONY: setup browser demo test test-fast ui bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Debian's chromium, for the test that opens a report in a headless browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  >/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
+
+# the hidden-units question on the digits: a study of 12 configurations x 2 seeds, its report
 demo: setup
 	$(BIN)/cnnstudy-describe
-	$(BIN)/cnnstudy-train trainer.max_epochs=10
+	$(BIN)/cnnstudy-train -m sweep=hidden_units hydra.sweeper.seeds=2 hydra.sweeper.study_name=demo
 	$(BIN)/cnnstudy-ui --print-only
 	@echo "Start the dashboard with: make ui"
 
-test: setup
-	$(BIN)/pytest -q
+test: setup browser
+	$(BIN)/pytest -q -n 2  # two workers: most tests wait on a cnnstudy-train subprocess
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
@@ -35,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/throughput.py --epochs 10 --rounds 5
 	$(BIN)/python benchmarks/mnist.py
 	$(BIN)/python benchmarks/sweeper.py
+	$(BIN)/python benchmarks/pictures.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

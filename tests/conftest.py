@@ -47,6 +47,8 @@ def train_cli(where: Path, *overrides: str) -> tuple[subprocess.CompletedProcess
     import mlflow
 
     uri = f"sqlite:///{where}/mlflow.db"
+    if not any(o.startswith("logger.log_images=") for o in overrides):
+        overrides = (*overrides, "logger.log_images=false")  # tested in test_report.py
     result = run_cli(
         "cnnstudy-train",
         *overrides,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cnnstudy.config.compose import compose
+from cnnstudy.data import splits as splits_module
 from cnnstudy.data.batches import shift_and_flip
 from cnnstudy.data.sources import fit
 from cnnstudy.data.splits import channel_stats, decode_key, load_splits
@@ -326,3 +327,27 @@ def test_training_statistics_are_counted_once_per_loaded_data(tmp_path, monkeypa
     assert (second.mean, second.std) == (first.mean, first.std)
     second.mean[0] = -1.0  # each run's own lists: changing one leaves the memo alone
     assert ImageDataModule(cfg).prepare().train_stats()[0] == first.mean
+
+
+def test_a_subset_of_classes_is_relabelled_and_sizes_the_output_layer():
+    """data.classes=[3, 7]: only those digits, labelled 0 and 1 in every split; the output
+    layer has 2 units (data.num_classes=0: counted), and a count that disagrees is an
+    error naming the fix."""
+    from cnnstudy.config.check import check, resolve
+    from cnnstudy.errors import ConfigError
+
+    full = load_splits(resolve(compose([])).data)
+    cfg = compose(["data.classes=[3,7]", "data.num_classes=0"])
+    layers = check(cfg)
+    assert layers[-1].name == "output" and layers[-1].outputs == 2
+    two = load_splits(resolve(cfg).data)
+    assert two.classes == ["3", "7"]
+    for (_, part), (_, whole) in zip(two.items(), full.items(), strict=True):
+        assert set(part.labels.tolist()) == {0, 1}
+        assert len(part) == int(((whole.labels == 3) | (whole.labels == 7)).sum())
+    assert two.fingerprint != full.fingerprint
+    with pytest.raises(ConfigError, match=r"data.num_classes=10: data.classes keeps 2 classes"):
+        check(compose(["data.classes=[3,7]"]))
+    with pytest.raises(ConfigError, match=r"data.classes=\[3, 17\]: this dataset has 10"):
+        load_splits(resolve(compose(["data.classes=[3,17]", "data.num_classes=0"])).data)
+    splits_module._memo.clear()  # later tests in this process load the digits afresh

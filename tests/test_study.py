@@ -22,15 +22,18 @@ TINY = (
     "logger.log_model=false",
     "logger.log_images=false",
     "trainer.num_threads=1",
+    "hydra.sweeper.report=false",  # reports are tested on their own (test_report.py)
 )
 
 
 def study(where: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cnnstudy-train -m ARGS` on the tiny budget (TINY, unless ARGS set the same key)."""
+    given = {a.split("=", 1)[0] for a in args}
     return run_cli(
         "cnnstudy-train",
         "-m",
         *args,
-        *TINY,
+        *(t for t in TINY if t.split("=", 1)[0] not in given),
         f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
         f"logger.artifact_location={where}/a",
         cwd=where,

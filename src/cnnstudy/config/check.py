@@ -171,7 +171,19 @@ def _check_data(cfg: DictConfig) -> None:
     _at_least(cfg, "data", "augment_shift", 0)
     if d.channels not in (1, 3):
         _fail("data.channels", d.channels, "images are read as grayscale (1) or RGB (3)")
-    if not (d.num_classes == 0 and d.name == "folder"):
+    if d.classes:
+        if len(set(d.classes)) != len(d.classes) or min(d.classes) < 0:
+            _fail("data.classes", list(d.classes), "class indices, each once, 0 or more")
+        if len(d.classes) < 2:
+            _fail("data.classes", list(d.classes), "a classifier needs at least 2 classes")
+        if d.num_classes not in (0, len(d.classes)):
+            _fail(
+                "data.num_classes",
+                d.num_classes,
+                f"data.classes keeps {len(d.classes)} classes: set data.num_classes="
+                f"{len(d.classes)} (or 0, counted from data.classes)",
+            )
+    elif not (d.num_classes == 0 and d.name == "folder"):
         _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
         _share(cfg, "data", key)
@@ -247,7 +259,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
     from cnnstudy.data.files import count_classes
 
     cfg = cfg.copy()
-    if cfg.data.name == "folder" and cfg.data.num_classes == 0 and cfg.data.path:
+    if cfg.data.classes and cfg.data.num_classes == 0:
+        cfg.data.num_classes = len(cfg.data.classes)
+    elif cfg.data.name == "folder" and cfg.data.num_classes == 0 and cfg.data.path:
         cfg.data.num_classes = count_classes(Path(cfg.data.path))
     for key in ("root", "path", "cache_dir"):
         if cfg.data[key]:
@@ -266,6 +280,6 @@ def check(cfg: DictConfig) -> list:
     _check_trainer(cfg)
     _check_optimizer(cfg)
     data = cfg.data
-    if data.name == "folder" and data.num_classes == 0:
+    if data.num_classes == 0:
         data = resolve(cfg).data
     return plan(cfg.model, data)

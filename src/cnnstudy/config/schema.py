@@ -63,7 +63,10 @@ class DataConfig:
     bad_images: str = (
         "error"  # folder: unreadable files stop the run (error) or are left out (skip)
     )
-    num_classes: int = 10  # 0: count the class folders (data=folder)
+    num_classes: int = 10  # 0: count the class folders (data=folder), or len(data.classes)
+    # a subset of the classes, by index (e.g. [0, 1] for the digits 0 and 1), relabelled
+    # 0..k-1 in every split; empty: all of them
+    classes: list[int] = field(default_factory=list)
     batch_size: int = 128
     val_fraction: float = 0.1  # of the training pool, held out for validation
     test_fraction: float = 0.2  # for datasets without a test split of their own

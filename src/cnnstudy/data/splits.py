@@ -165,7 +165,10 @@ def load_splits(data: Any) -> Splits:
     started = time.perf_counter()
     key = (decode_key(data), data.val_fraction, data.test_fraction, data.split_seed)
     if key in _memo:  # this call's own source and time, the same tensors
-        return replace(_memo[key], loaded_from="memory", load_seconds=time.perf_counter() - started)
+        found = replace(
+            _memo[key], loaded_from="memory", load_seconds=time.perf_counter() - started
+        )
+        return subset(found, list(data.classes)) if data.classes else found
     stored, from_cache = _decode_cached(data)
     images, labels = stored["images"], stored["labels"]
     if stored["test_images"] is not None:
@@ -204,7 +207,37 @@ def load_splits(data: Any) -> Splits:
     )
     _memo.clear()  # one dataset at a time: a sweep over datasets does not pile them up
     _memo[key] = splits
+    if data.classes:
+        return subset(splits, list(data.classes))
     return splits
+
+
+def subset(splits: Splits, keep: list[int]) -> Splits:
+    """Only the images of the classes `keep` (indices), relabelled 0..k-1 in that order."""
+    if max(keep) >= len(splits.classes):
+        raise ConfigError(
+            f"data.classes={keep}: this dataset has {len(splits.classes)} classes "
+            f"(0..{len(splits.classes) - 1}: {', '.join(splits.classes[:12])})"
+        )
+    lookup = torch.full((len(splits.classes),), -1, dtype=torch.long)
+    lookup[torch.tensor(keep)] = torch.arange(len(keep))
+    parts = []
+    for name, split in splits.items():
+        mask = lookup[split.labels] >= 0
+        if not bool(mask.any()):
+            raise ConfigError(f"data.classes={keep}: the {name} split has none of them")
+        digest = hashlib.sha256(f"{split.fingerprint}{keep}".encode()).hexdigest()[:16]
+        parts.append(Split(split.images[mask], lookup[split.labels[mask]], digest))
+    train, val, test = parts
+    return replace(
+        splits,
+        train=train,
+        val=val,
+        test=test,
+        classes=[splits.classes[i] for i in keep],
+        fingerprint=hashlib.sha256(f"{splits.fingerprint}{keep}".encode()).hexdigest()[:16],
+        _stats={},
+    )
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

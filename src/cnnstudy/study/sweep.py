@@ -72,6 +72,10 @@ class Settings:
     retry_failed: int = 0  # times a trial whose process died is run again, same parameters
     n_jobs: int = 1
     max_failure_rate: float | None = None  # hydra-optuna-sweeper's key, accepted
+    question: str | None = None  # the question the study answers (its report's title)
+    scientific: list[str] = field(default_factory=list)  # what the question is about
+    nuisance: list[str] = field(default_factory=list)  # tuned at each scientific setting
+    report: bool = True  # write the report at the end of every run of the study
 
     @property
     def objectives(self) -> list[str]:
@@ -99,13 +103,13 @@ def _check(settings: Settings) -> None:
     if settings.n_jobs < 1:
         fail("n_jobs", settings.n_jobs, "must be at least 1")
     for name in settings.objectives:
-        if not name.startswith(("val/", "train/", "model/")):
+        if not name.startswith(("val/", "train/", "model/", "time/")):
             fail(
                 "objective",
                 name,
                 "a study selects on validation (or training) metrics, e.g. val/acc, val/loss, "
-                "and on the network's size (model/params); test metrics are reported, never "
-                "selected on",
+                "on the network's size (model/params) and training time (time/fit_s); test "
+                "metrics are reported, never selected on",
             )
     if len(settings.all_directions) != len(settings.objectives):
         fail("directions", settings.all_directions, "needs one direction per objective")
@@ -167,11 +171,15 @@ def _product(values: Any) -> list[tuple[Any, ...]]:
 
 @dataclass
 class _Outcome:
-    state: str  # COMPLETE, PRUNED, FAIL
+    state: str  # COMPLETE, PRUNED, FAIL, REJECTED
     values: list[float] | None = None
     reason: str = ""
     run_id: str = ""
     seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)  # mean over seeds
+
+
+KEPT_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "model/params", "time/fit_s")
 
 
 class StudyRunner:
@@ -213,6 +221,14 @@ class StudyRunner:
                     f"created with the search space {stored}; this command's is {described}. "
                     "Give another study_name, or the same space"
                 )
+            for key, value in (  # what the study's report reads
+                ("question", s.question),
+                ("scientific", list(s.scientific)),
+                ("nuisance", list(s.nuisance)),
+                ("seeds", s.seeds),
+            ):
+                if study.user_attrs.get(f"cnnstudy.{key}") != value:
+                    study.set_user_attr(f"cnnstudy.{key}", value)
             if [d.name.lower() for d in study.directions] != s.all_directions:
                 raise ConfigError(
                     f"hydra.sweeper.direction={s.all_directions}: study {name} was created "
@@ -381,6 +397,7 @@ class StudyRunner:
 
         seed0 = int(job.seed)
         per_seed: list[list[float]] = []
+        kept: list[dict[str, float]] = []
         run_ids: list[str] = []
         trial_run = self.parent_run_id
         if self.settings.seeds > 1:
@@ -415,6 +432,7 @@ class StudyRunner:
                     return _Outcome("FAIL", reason=f"objective {name} is {value}")
                 values.append(float(value))
             per_seed.append(values)
+            kept.append({k: float(metrics[k]) for k in KEPT_METRICS if k in (metrics or {})})
             run_ids.append(request.run_id)
         means = [statistics.fmean(v[i] for v in per_seed) for i in range(len(per_seed[0]))]
         if self.settings.seeds > 1:
@@ -427,6 +445,7 @@ class StudyRunner:
             means,
             run_id=trial_run if self.settings.seeds > 1 else run_ids[0],
             seconds=time.perf_counter() - started,
+            metrics={k: statistics.fmean(m[k] for m in kept) for k in kept[0]},
         )
 
     def _trial_run(self, trial: Any, overrides: list[str]) -> str:
@@ -470,6 +489,10 @@ class StudyRunner:
             trial.set_user_attr(key, outcome.reason)
         if outcome.run_id:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        if outcome.metrics:  # what reports read: test accuracy, size, time
+            trial.set_user_attr("metrics", outcome.metrics)
+        if outcome.state == "COMPLETE":
+            trial.set_user_attr("reproduce", self._command(trial))
         state = getattr(TrialState, "PRUNED" if outcome.state == "REJECTED" else outcome.state)
         if tell(self.study, trial, outcome.values if state == TrialState.COMPLETE else state):
             self.exhausted = True
@@ -747,6 +770,8 @@ class StudyRunner:
             f"{experiment}/runs/{self.parent_run_id}  (cnnstudy-ui serves them)",
             flush=True,
         )
+        if self.settings.report:
+            self._write_report(sweep_dir / "report")
         if unfinished:
             raise ConfigError(
                 f"{len(unfinished)} of {len(self.points)} combinations did not finish: "
@@ -756,15 +781,31 @@ class StudyRunner:
             )
         return [results]
 
-    def _reproduction(self, trial: Any) -> dict[str, Any]:
+    def _write_report(self, folder: Path) -> None:
+        """The study's report (cnnstudy.study.report), logged to the parent run; a report
+        that fails is said, and the study's results stand."""
+        from cnnstudy.study.report import write_report
+
+        try:
+            page = write_report(self.study, folder, storage=self.url, tracking_uri=self.uri)
+        except Exception as err:  # noqa: BLE001 -- the trials are stored; say what failed
+            print(f"cnnstudy: the report failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return
+        print(f"report: {page}", flush=True)
+
+    def _command(self, trial: Any) -> str:
+        """The cnnstudy-train command that trains this trial's configuration again."""
         params = [f"{k}={spaces.override_value(v)}" for k, v in trial.params.items()]
-        command = "cnnstudy-train " + " ".join([*self.fixed, *params])
+        return redact_text("cnnstudy-train " + " ".join([*self.fixed, *params]))
+
+    def _reproduction(self, trial: Any) -> dict[str, Any]:
+        command = self._command(trial)
         return {
             "trial": trial.number,
             "values": list(trial.values),
             "params": dict(trial.params),
             "mlflow_run_id": trial.user_attrs.get("mlflow_run_id", ""),
-            "reproduce": redact_text(command),
+            "reproduce": command,
         }
 
 

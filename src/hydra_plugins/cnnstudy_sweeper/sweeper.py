@@ -38,6 +38,10 @@ class CnnstudySweeperConf:
     retry_failed: int = 0  # times a trial whose process died is run again, same parameters
     n_jobs: int = 1  # trials at once: worker processes with cores / n_jobs threads each
     max_failure_rate: float | None = None  # hydra-optuna-sweeper's key: accepted, unused
+    question: str | None = None  # the question the study answers (its report's title)
+    scientific: list[str] = field(default_factory=list)  # what the question is about
+    nuisance: list[str] = field(default_factory=list)  # tuned at each scientific setting
+    report: bool = True  # write the report (HTML + PNG) at the end of every run
     search_space: Any = None  # hydra-optuna-sweeper's old key: use params
     custom_search_space: Any = None  # hydra-optuna-sweeper's: not supported
 

@@ -1,0 +1,354 @@
+"""`cnnstudy-report STUDY`: a study's answer as one self-contained HTML page (figures
+embedded, no script, nothing fetched) plus PNG versions of its figures, logged to the
+study's MLflow parent run. Written at the end of every sweep too.
+
+    cnnstudy-report hidden_units                           # sqlite:///optuna.db, ./reports/
+    cnnstudy-report hidden_units --storage sqlite:///s.db --out my_report
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from cnnstudy.errors import ConfigError, console_script, report, user_errors_exit
+from cnnstudy.redact import redact_text
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+
+
+def _matplotlib() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.grid": True})
+    return plt
+
+
+def _png(figure: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    _matplotlib().close(figure)
+    return buffer.getvalue()
+
+
+def _isolation(an: Any) -> bytes:
+    plt = _matplotlib()
+    figure, ax = plt.subplots(figsize=(6.4, 3.6))
+    xs = list(range(len(an.settings)))
+    ys = [s.best_value for s in an.settings]
+    if an.seeds > 1 and all(s.spread is not None for s in an.settings):
+        ax.errorbar(xs, ys, yerr=[s.spread for s in an.settings], fmt="o-", capsize=4)
+        what = "error bars: the best trial's seed standard deviation"
+    else:
+        low = [s.best_value - s.interval[0] for s in an.settings]
+        high = [s.interval[1] - s.best_value for s in an.settings]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=4)
+        what = "error bars: bootstrap 95% interval of the best value"
+    for x, s in zip(xs, an.settings, strict=True):
+        ax.scatter([x] * len(s.values), s.values, color="grey", alpha=0.35, s=12, zorder=0)
+    ax.set_xticks(xs, [s.label for s in an.settings])
+    ax.set_xlabel(an.scientific)
+    ax.set_ylabel(f"best {an.objective}")
+    tuned = ", ".join(an.nuisance) or "none"
+    ax.set_title(
+        f"isolation: best {an.objective} per setting (tuned: {tuned})\n{what}; grey: every trial",
+        fontsize=8,
+    )
+    return _png(figure)
+
+
+def _edf(an: Any) -> bytes:
+    plt = _matplotlib()
+    figure, ax = plt.subplots(figsize=(6.4, 3.6))
+    for s in an.settings:
+        line = ax.plot(s.edf_x, s.edf, label=f"{an.scientific}={s.label} (n={len(s.values)})")
+        ax.fill_between(
+            s.edf_x, s.edf_band[0], s.edf_band[1], alpha=0.15, color=line[0].get_color()
+        )
+    ax.set_xlabel(an.error_name)
+    ax.set_ylabel("fraction of trials with error below x")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("error EDF per setting, shaded: bootstrap 95% band", fontsize=8)
+    return _png(figure)
+
+
+def _params_scatter(an: Any) -> bytes | None:
+    points = [(t.user_attrs.get("metrics", {}).get("model/params"), t.values[0]) for t in an.trials]
+    points = [(p, v) for p, v in points if p]
+    if not points:
+        return None
+    plt = _matplotlib()
+    figure, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.scatter([p for p, _ in points], [v for _, v in points], s=16)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(an.objective)
+    ax.set_title(f"{an.objective} against the network's size", fontsize=8)
+    return _png(figure)
+
+
+def _optuna_plot(kind: str, study: Any, **kwargs: Any) -> bytes | None:
+    """One of optuna.visualization.matplotlib's figures, or None where it has nothing to
+    draw (too few trials or parameters)."""
+    import optuna.visualization.matplotlib as ovm
+
+    plt = _matplotlib()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = getattr(ovm, kind)(study, **kwargs)
+    except (ValueError, RuntimeError, ZeroDivisionError, IndexError):
+        return None
+    axes = result.ravel()[0] if hasattr(result, "ravel") else result
+    figure = axes.get_figure()
+    if figure is None or not figure.axes or not any(a.has_data() for a in figure.axes):
+        plt.close("all")
+        return None
+    figure.set_size_inches(max(6.4, figure.get_size_inches()[0]), 4.0)
+    return _png(figure)
+
+
+def figures(an: Any) -> dict[str, bytes]:
+    """PNG bytes by file name, in the order the report shows them."""
+    from cnnstudy.study.analysis import importances
+
+    study = an.study
+    target = {"target": lambda t: t.values[0], "target_name": an.objective}
+    single = len(study.directions) == 1
+    out: dict[str, bytes | None] = {}
+    if an.settings:
+        out["isolation.png"] = _isolation(an)
+        out["edf.png"] = _edf(an)
+    out["importances.png"] = _optuna_plot("plot_param_importances", study, **target)
+    out["history.png"] = _optuna_plot(
+        "plot_optimization_history", study, **({} if single else target)
+    )
+    out["slice.png"] = _optuna_plot("plot_slice", study, **({} if single else target))
+    ranked = list(importances(study))
+    if len(ranked) >= 2:
+        out["contour.png"] = _optuna_plot(
+            "plot_contour", study, params=ranked[:2], **({} if single else target)
+        )
+    out["parallel.png"] = _optuna_plot(
+        "plot_parallel_coordinate", study, **({} if single else target)
+    )
+    if not single:
+        out["pareto.png"] = _optuna_plot("plot_pareto_front", study)
+    out["params.png"] = _params_scatter(an)
+    return {k: v for k, v in out.items() if v}
+
+
+CAPTIONS = {
+    "isolation.png": "Isolation plot: the best result at each setting of the scientific "
+    "parameter, nuisance parameters tuned.",
+    "edf.png": "Error EDFs: the share of trials at each setting whose error is below x; a "
+    "curve further left and higher is a better design space (Radosavovic et al.).",
+    "importances.png": "Parameter importances (Optuna's default, PED-ANOVA).",
+    "history.png": "Optimization history.",
+    "slice.png": "Slices: the objective against each parameter.",
+    "contour.png": "Contour of the two most important parameters.",
+    "parallel.png": "Parallel coordinates.",
+    "pareto.png": "Pareto front of the objectives.",
+    "params.png": "The objective against the network's trainable parameters.",
+}
+
+STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:960px;margin:2em auto;
+padding:0 1em;color:#1d1d1f;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px
+solid #ddd}.answer{font-size:1.15em;background:#f1f6ff;border-left:4px solid #2f6fde;
+padding:.8em 1em}.small{background:#fff4e5;border-left-color:#e08a00}.warn{background:#fff4e5;
+border-left:4px solid #e08a00;padding:.5em 1em;margin:.4em 0}table{border-collapse:collapse;
+font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:
+#f6f6f6}td:first-child,th:first-child{text-align:left}code{background:#f4f4f4;padding:.1em .3em;
+word-break:break-all}figure{margin:1.2em 0}figure img{max-width:100%}figcaption{font-size:.85em;
+color:#555}.meta{color:#555;font-size:.9em}
+"""
+
+
+def render(an: Any, pictures: dict[str, bytes], *, storage: str, parent_run: str) -> str:
+    """The HTML page: every figure inline as a data: URI, no script, no external link."""
+    from cnnstudy.study.analysis import _fmt, _spread_fmt, importances
+
+    e = html.escape
+    study = an.study
+    best = an.best
+    title = f"Study {study.study_name}"
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{e(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{e((an.question[:1].upper() + an.question[1:]) or title)}</h1>",
+        f"<p class='meta'>Study <b>{e(study.study_name)}</b> in {e(redact_text(storage))}; "
+        f"MLflow parent run {e(parent_run or 'none')}. Objective {e(an.objective)} "
+        f"({'maximized' if an.maximize else 'minimized'}), selected on validation data. "
+        f"Scientific: {e(an.scientific or 'none')}; nuisance (tuned): "
+        f"{e(', '.join(an.nuisance) or 'none')}; fixed: everything else.</p>",
+        f"<p class='answer{' small' if an.too_small else ''}'>{e(an.answer)}</p>",
+    ]
+    for warning in an.edges:
+        parts.append(f"<p class='warn'>Edge of the search space: {e(warning)}.</p>")
+    c = an.counts
+    parts.append(
+        f"<p class='meta'>{c['trials']} trials: {c['complete']} complete, {c['pruned']} pruned, "
+        f"{c['rejected']} rejected by the shape check, {c['failed']} failed; "
+        f"{an.seeds} seed(s) per configuration.</p>"
+    )
+    if an.settings:
+        parts.append(
+            f"<h2>{e(an.scientific)}: each setting</h2><table><tr><th>setting</th>"
+            "<th>trials</th><th>best</th><th>bootstrap 95% of best</th>"
+            "<th>mean of all</th><th>best trial</th></tr>"
+        )
+        for s in an.settings:
+            lo, hi = s.interval
+            parts.append(
+                f"<tr><td>{e(s.label)}</td><td>{len(s.values)}</td>"
+                f"<td>{e(_fmt(s.best_value, an.objective) + _spread_fmt(s.spread, an.objective))}"
+                f"</td><td>{e(_fmt(lo, an.objective))} – {e(_fmt(hi, an.objective))}</td>"
+                f"<td>{e(_fmt(sum(s.values) / len(s.values), an.objective))}</td>"
+                f"<td>{s.best.number}</td></tr>"
+            )
+        parts.append("</table>")
+    if best is not None:
+        command = best.user_attrs.get("reproduce", "")
+        run = best.user_attrs.get("mlflow_run_id", "")
+        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        parts.append(
+            f"<h2>Best trial</h2><p>Trial {best.number}: {e(an.objective)} "
+            f"{e(_fmt(best.values[0], an.objective))} with {e(params)}; MLflow run "
+            f"{e(run or 'unknown')}.</p>"
+        )
+        if command:
+            parts.append(f"<p>Reproduce it: <code>{e(command)}</code></p>")
+        test = best.user_attrs.get("metrics", {}).get("test/acc")
+        if test is not None:
+            parts.append(
+                f"<p class='meta'>Its test accuracy (reported, never selected on): "
+                f"{100 * test:.2f}%.</p>"
+            )
+    imp = importances(study)
+    if imp:
+        rows = "".join(f"<tr><td>{e(k)}</td><td>{v:.3f}</td></tr>" for k, v in imp.items())
+        parts.append(
+            f"<h2>Importances</h2><table><tr><th>parameter</th><th>importance</th>"
+            f"</tr>{rows}</table>"
+        )
+    parts.append("<h2>Figures</h2>")
+    for name, data in pictures.items():
+        encoded = base64.b64encode(data).decode()
+        caption = CAPTIONS.get(name, name)
+        parts.append(
+            f"<figure><img alt='{e(caption)}' src='data:image/png;base64,{encoded}'>"
+            f"<figcaption>{e(caption)} ({e(name)})</figcaption></figure>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:80] or "study"
+
+
+def write_report(
+    study: Any,
+    out_dir: Path,
+    *,
+    storage: str,
+    tracking_uri: str | None = None,
+) -> Path:
+    """Write index.html and the PNGs to out_dir; log both to the study's MLflow parent
+    run when there is one (and tracking_uri is given). The HTML's path."""
+    from cnnstudy.study.analysis import analyse
+
+    an = analyse(study)
+    pictures = figures(an)
+    parent = str(study.user_attrs.get("cnnstudy.mlflow_parent_run_id", ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in pictures.items():
+        (out_dir / name).write_bytes(data)
+    page = out_dir / "index.html"
+    page.write_text(render(an, pictures, storage=storage, parent_run=parent), encoding="utf-8")
+    if parent and tracking_uri:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        client.log_artifacts(parent, str(out_dir), "report")
+        client.set_tag(parent, "cnnstudy.answer", an.answer[:5000])
+    return page
+
+
+def _load(name: str, storage: str) -> Any:
+    import optuna
+
+    from cnnstudy.run.store import check_store, store_lock
+    from cnnstudy.study.sweep import make_storage
+
+    check_store(storage, create=False)  # a report never creates a store
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with store_lock(storage):
+        try:
+            return optuna.load_study(study_name=name, storage=make_storage(storage))
+        except KeyError:
+            names = optuna.get_all_study_names(make_storage(storage))
+            raise ConfigError(
+                f"STUDY={name}: no such study in {redact_text(storage)}; it has: "
+                f"{', '.join(names) or 'none'}"
+            ) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """cnnstudy-report. Exit codes: 0 written, 2 a user error (no such store or study)."""
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog="cnnstudy-report",
+        description="Write a study's report (HTML + PNG) and log it to its MLflow parent run.",
+    )
+    parser.add_argument("study", help="the study's name (a sweep's name, or see --list)")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    parser.add_argument("--out", default=None, help="folder for the report (reports/STUDY)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow store of the study's parent run ($MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    _write(parser.parse_args(argv))
+
+
+@user_errors_exit
+def _write(args: argparse.Namespace) -> None:
+    study = _load(args.study, args.storage)
+    out = Path(args.out or Path("reports") / _slug(args.study))
+    uri = None
+    if not args.no_mlflow and study.user_attrs.get("cnnstudy.mlflow_parent_run_id"):
+        from cnnstudy.run.store import check_store
+
+        try:
+            check_store(args.tracking_uri, create=False)
+            uri = args.tracking_uri
+        except ConfigError as err:
+            report(f"not logged to MLflow: {err}")
+    page = write_report(study, out, storage=args.storage, tracking_uri=uri)
+    print(f"report: {page}")
+    if uri:
+        print(f"logged to the study's MLflow parent run under report/ ({redact_text(uri)})")
+
+
+cli = console_script(main)
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,308 @@
+"""Reports: the analysis on Optuna trials made here (no training), then real studies and
+their reports, the per-run pictures, the question library, and the HTML in headless
+Chromium (CNNSTUDY_REQUIRE_BROWSER=1, set by .ci/run: in CI the browser must be there)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import create_trial
+
+from cnnstudy.study import analysis, report
+from cnnstudy.study import space as spaces
+
+from .conftest import run_cli, train_cli
+from .test_study import runs_of, study
+
+REPO = Path(__file__).resolve().parents[1]
+UNITS = IntDistribution(8, 1024, log=True)
+LR = FloatDistribution(1e-3, 3e-2, log=True)
+
+
+def _study(trials: list[tuple[dict, float, dict]], *, seeds: int = 1, **attrs) -> optuna.Study:
+    """An in-memory study holding these finished trials (params, value, user attrs)."""
+    made = optuna.create_study(direction="maximize")
+    for key, value in {
+        "cnnstudy.objective": ["val/acc"],
+        "cnnstudy.scientific": ["model.hidden_units"],
+        "cnnstudy.nuisance": ["optimizer.lr"],
+        "cnnstudy.seeds": seeds,
+        **attrs,
+    }.items():
+        made.set_user_attr(key, value)
+    for params, value, user_attrs in trials:
+        dists = {"model.hidden_units": UNITS, "optimizer.lr": LR}
+        if "model.activation" in params:
+            dists = {
+                "model.activation": CategoricalDistribution(["relu", "tanh", "none"]),
+                "optimizer.lr": LR,
+            }
+        made.add_trial(
+            create_trial(
+                params=params,
+                distributions={k: dists[k] for k in params},
+                value=value,
+                user_attrs=user_attrs,
+            )
+        )
+    return made
+
+
+def _curve(best_units: int) -> list[tuple[dict, float, dict]]:
+    """12 trials whose accuracy peaks at best_units (a fact of this made-up study)."""
+    import math
+
+    out = []
+    for i, units in enumerate([8, 12, 20, 32, 50, 80, 128, 200, 300, 500, 700, 1000]):
+        value = 0.95 - 0.02 * abs(math.log(units) - math.log(best_units))
+        out.append(({"model.hidden_units": units, "optimizer.lr": 0.001 + 0.002 * i}, value, {}))
+    return out
+
+
+def test_the_edge_warning_appears_when_the_best_sits_on_the_edge_and_not_otherwise():
+    edge = analysis.analyse(_study(_curve(1000)))
+    assert len(edge.edges) == 1 and "model.hidden_units=1000" in edge.edges[0]
+    assert "high edge of [8, 1024]" in edge.edges[0]
+    inside = analysis.analyse(_study(_curve(128)))
+    assert inside.edges == []
+    assert inside.best.params["model.hidden_units"] == 128
+
+
+def test_a_three_trial_study_is_too_small_to_answer():
+    an = analysis.analyse(_study(_curve(128)[:3]))
+    assert an.too_small and an.answer.startswith("The study is too small to answer: 3 complete")
+    big = analysis.analyse(_study(_curve(128)))
+    assert big.too_small is None and "model.hidden_units" in big.answer
+
+
+def test_the_answer_weighs_differences_against_seed_noise():
+    """relu and tanh within seed noise of each other, none far below: said so."""
+    lr = 0.01
+    trials = []
+    for k, (act, value) in enumerate(
+        [
+            ("relu", 0.95),
+            ("relu", 0.93),
+            ("tanh", 0.945),
+            ("tanh", 0.92),
+            ("none", 0.80),
+            ("none", 0.78),
+        ]
+    ):
+        attrs = {"seed_std": [0.01], "seed_values": [[value - 0.01], [value + 0.01]]}
+        trials.append(({"model.activation": act, "optimizer.lr": lr + k * 1e-3}, value, attrs))
+    an = analysis.analyse(_study(trials, seeds=2, **{"cnnstudy.scientific": ["model.activation"]}))
+    assert an.noise == pytest.approx(0.01)
+    assert an.answer.startswith("model.activation=relu is best: 95.0% ± 1.0.")
+    assert "tanh is within seed noise" in an.answer
+    assert "none is worse by more than seed noise" in an.answer
+    labels = [s.label for s in an.settings]
+    assert labels == ["relu", "tanh", "none"]  # the order of the choices
+    lo, hi = an.settings[0].interval
+    assert lo <= 0.95 <= hi
+
+
+def _report_text(page: Path) -> str:
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page.read_text())
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+def _load(where: Path, name: str) -> optuna.Study:
+    from cnnstudy.run.store import store_lock
+
+    url = f"sqlite:///{where}/optuna.db"
+    with store_lock(url):
+        return optuna.load_study(study_name=name, storage=url)
+
+
+@pytest.mark.slow
+def test_a_studys_report_matches_its_storage_and_reaches_mlflow(tmp_path):
+    small = study(
+        tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=3", "hydra.sweeper.report=true"
+    )
+    assert small.returncode == 0, small.stderr[-3000:]
+    (page,) = tmp_path.glob("multirun/*/*/report/index.html")
+    assert f"report: {page.relative_to(tmp_path)}" in small.stdout
+    assert "too small to answer" in _report_text(page)
+    shutil.rmtree(page.parent.parent.parent)
+
+    grown = study(
+        tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=8", "hydra.sweeper.report=true"
+    )
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    (page,) = tmp_path.glob("multirun/*/*/report/index.html")
+    text = _report_text(page)
+    stored = _load(tmp_path, "hidden_units")
+    best = stored.best_trial
+    assert f"Trial {best.number}: val/acc {100 * best.value:.1f}%" in text
+    assert "8 trials: 8 complete, 0 pruned, 0 rejected by the shape check, 0 failed" in text
+    assert "too small" not in text
+    assert best.user_attrs["reproduce"] in text
+    order = list(analysis.importances(stored))
+    shown = re.findall(r"<tr><td>([\w.]+)</td><td>[\d.]+</td></tr>", page.read_text())
+    assert shown == order and set(order) == {"model.hidden_units", "optimizer.lr"}
+    pngs = sorted(p.name for p in page.parent.glob("*.png"))
+    for name in ("edf.png", "isolation.png", "history.png", "importances.png", "params.png"):
+        assert name in pngs
+        assert (page.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in page.read_text() and "https://" not in page.read_text()
+
+    (parent,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/index.html" in logged and "report/isolation.png" in logged
+    assert parent.data.tags["cnnstudy.answer"].startswith("val/acc")
+
+    again = run_cli(
+        "cnnstudy-report",
+        "hidden_units",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--out",
+        str(tmp_path / "mine"),
+        "--no-mlflow",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    assert _report_text(tmp_path / "mine" / "index.html") == text
+    missing = run_cli(
+        "cnnstudy-report", "nope", "--storage", f"sqlite:///{tmp_path}/optuna.db", cwd=tmp_path
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "STUDY=nope: no such study" in missing.stderr and "hidden_units" in missing.stderr
+    nowhere = run_cli("cnnstudy-report", "x", "--storage", "sqlite:///absent.db", cwd=tmp_path)
+    assert nowhere.returncode == 2 and not (tmp_path / "absent.db").exists()
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_each_run_logs_its_pictures_as_valid_images(tmp_path):
+    _, (run,) = train_cli(
+        tmp_path, "trainer=smoke", "logger.log_model=false", "logger.log_images=true"
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "pictures")}
+    assert files == {
+        "pictures/filters_conv1.png",
+        "pictures/feature_maps_conv1.png",
+        "pictures/confusion_matrix.png",
+        "pictures/misclassified.png",
+    }
+    folder = Path(client.download_artifacts(run.info.run_id, "pictures", str(tmp_path / "p")))
+    # seed example: 10 filters of 5x5, enlarged 9x to 45 px, 8 a row, 2 px borders
+    assert _png_size((folder / "filters_conv1.png").read_bytes()) == (
+        8 * 45 + 9 * 2,
+        2 * 45 + 3 * 2,
+    )
+    # 10 feature maps of 28x28 (enlarged 1x: 48 // 28), 5 a row
+    assert _png_size((folder / "feature_maps_conv1.png").read_bytes()) == (
+        5 * 28 + 6 * 2,
+        2 * 28 + 3 * 2,
+    )
+    assert _png_size((folder / "confusion_matrix.png").read_bytes()) == (650, 650)
+    width, height = _png_size((folder / "misclassified.png").read_bytes())
+    assert height == 136 and (width - 4) % 100 == 0 and 1 <= (width - 4) // 100 <= 16
+    assert "time/pictures_s" in run.data.metrics
+
+    elsewhere = tmp_path / "off"
+    elsewhere.mkdir()
+    _, (off,) = train_cli(
+        elsewhere, "trainer=smoke", "logger.log_model=false", "logger.log_images=false"
+    )
+    off_client = mlflow.MlflowClient(f"sqlite:///{elsewhere}/mlflow.db")
+    assert off_client.list_artifacts(off.info.run_id, "pictures") == []
+    assert "time/pictures_s" not in off.data.metrics
+
+
+def test_every_question_study_states_its_question_and_labels_its_parameters():
+    from omegaconf import OmegaConf
+
+    from cnnstudy.config.compose import compose
+
+    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {
+        "hidden_units",
+        "receptive_field",
+        "stride_padding",
+        "filters",
+        "pooling",
+        "dropout",
+        "activation",
+        "architecture",
+    } <= names
+    for path in files:
+        data = yaml.safe_load(path.read_text())
+        sweeper = data["hydra"]["sweeper"]
+        question = sweeper["question"]
+        assert path.read_text().splitlines()[0] == f"# Question: {question}", path.name
+        space, _ = spaces.parse([f"{k}={v}" for k, v in sweeper["params"].items()])
+        for key in [*sweeper["scientific"], *sweeper["nuisance"]]:
+            assert key in space, (path.name, key)
+        cfg = compose([f"sweep={path.stem}"])
+        for key in space:
+            assert OmegaConf.select(cfg, key, default="missing") != "missing", (path.name, key)
+
+
+def _browser() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("CNNSTUDY_REQUIRE_BROWSER") == "1":
+        pytest.fail("CNNSTUDY_REQUIRE_BROWSER=1 but chromium is not installed", pytrace=False)
+    return found
+
+
+def test_the_report_renders_in_headless_chromium_offline_with_no_console_error(tmp_path):
+    browser = _browser()
+    if browser is None:
+        pytest.skip("chromium not installed (make test installs it; CNNSTUDY_REQUIRE_BROWSER=1)")
+    from playwright.sync_api import sync_playwright
+
+    made = _study(_curve(128))
+    page_path = report.write_report(made, tmp_path / "report", storage="sqlite:///x.db")
+    requests, problems = [], []
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),  # a fresh user data dir
+            executable_path=browser,
+            headless=True,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = context.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(page_path.as_uri(), wait_until="load")
+        shot = page.screenshot(full_page=True)
+        images = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+        context.close()
+    assert problems == []
+    leaving = [u for u in requests if not u.startswith(("file://", "data:"))]
+    assert leaving == []
+    assert images and all(width > 0 for width in images)  # every figure decoded
+    import io
+
+    from PIL import Image, ImageStat
+
+    picture = Image.open(io.BytesIO(shot)).convert("L")
+    assert picture.size[1] > 1000
+    assert ImageStat.Stat(picture).stddev[0] > 10  # not a blank page
