@@ -103,8 +103,8 @@ def test_the_answer_weighs_differences_against_seed_noise():
     an = analysis.analyse(_study(trials, seeds=2, **{"cnnstudy.scientific": ["model.activation"]}))
     assert an.noise == pytest.approx(0.01)
     assert an.answer.startswith("model.activation=relu is best: 95.0% ± 1.0.")
-    assert "tanh is within seed noise" in an.answer
-    assert "none is worse by more than seed noise" in an.answer
+    assert "tanh is within noise (seed s.d. 1.0 points, median over trials" in an.answer
+    assert an.answer.endswith("none is worse by more than that.")
     labels = [s.label for s in an.settings]
     assert labels == ["relu", "tanh", "none"]  # the order of the choices
     lo, hi = an.settings[0].interval

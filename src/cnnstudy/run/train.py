@@ -441,6 +441,7 @@ def train(
 
                     drawn = log_pictures(network, datamodule.test_dataloader(), splits.classes)
                     mlflow.log_metric("time/pictures_s", drawn)
+                    metrics["time/pictures_s"] = drawn
                 if cfg.logger.log_model:
                     _log_network(network, cfg)
                 raise_if_signalled()

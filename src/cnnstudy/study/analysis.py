@@ -98,7 +98,7 @@ def _spread_fmt(spread: float | None, objective: str) -> str:
     if spread is None:
         return ""
     if objective.endswith("acc"):
-        return f" ± {100 * spread:.1f}"
+        return f" ± {100 * spread:.2f}" if spread < 0.001 else f" ± {100 * spread:.1f}"
     return f" ± {spread:.2g}"
 
 
@@ -201,12 +201,14 @@ def seed_noise(trials: list[Any]) -> float | None:
 
 def _noise(an: Analysis, a: Setting, b: Setting) -> tuple[float, str]:
     """How far apart the best values of two settings may be by chance, and what says so:
-    twice the standard deviation of a difference of two means of `seeds` runs each, from
-    the study's seed noise; with one seed, the two bootstrap intervals' half-widths."""
-    if an.noise is not None:
-        return 2.0 * an.noise * math.sqrt(2.0 / an.seeds), "seed noise"
+    the larger of twice the standard deviation of a difference of two means of `seeds`
+    runs each (the study's seed noise) and the two bootstrap intervals' half-widths
+    combined (which setting's trials happened to be sampled)."""
     half = lambda s: (s.interval[1] - s.interval[0]) / 2  # noqa: E731
-    return math.hypot(half(a), half(b)), "the bootstrap interval"
+    sampled = math.hypot(half(a), half(b))
+    if an.noise is None:
+        return sampled, "the bootstrap interval"
+    return max(2.0 * an.noise * math.sqrt(2.0 / an.seeds), sampled), "noise"
 
 
 def _answer(an: Analysis) -> str:
@@ -228,7 +230,8 @@ def _answer(an: Analysis) -> str:
     _, by = _noise(an, top, top)
     if an.noise is not None:
         unit = " points" if obj.endswith("acc") else ""
-        by += f" (s.d. {_fmt(an.noise, obj).rstrip('%')}{unit} between seeds, median over trials)"
+        spread = _spread_fmt(an.noise, obj).removeprefix(" ± ")
+        by += f" (seed s.d. {spread}{unit}, median over trials; bootstrap intervals of each best)"
     numeric = all(s.low is not None for s in settings)
     if numeric and len(settings) > 1:
         smallest = min(close, key=lambda s: s.low)
@@ -251,7 +254,8 @@ def _answer(an: Analysis) -> str:
     if tied:
         text += f" {labels(tied)} {'is' if len(tied) == 1 else 'are'} within {by} of it."
     if far:
-        text += f" {labels(far)} {'is' if len(far) == 1 else 'are'} worse by more than {by}."
+        margin = "that" if tied else by
+        text += f" {labels(far)} {'is' if len(far) == 1 else 'are'} worse by more than {margin}."
     return text
 
 
