@@ -387,7 +387,3 @@ def importances(study: Any) -> dict[str, float]:
             return optuna.importance.get_param_importances(study, target=lambda t: t.values[0])
     except (ValueError, RuntimeError, ZeroDivisionError):
         return {}
-
-
-def mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
