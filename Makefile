@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/mnist.py
 	$(BIN)/python benchmarks/sweeper.py
 	$(BIN)/python benchmarks/pictures.py
+	$(BIN)/python benchmarks/questions.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

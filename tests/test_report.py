@@ -111,6 +111,39 @@ def test_the_answer_weighs_differences_against_seed_noise():
     assert lo <= 0.95 <= hi
 
 
+def _activation_study(none_lrs: list[float]) -> optuna.Study:
+    """relu and tanh tuned near lr 0.01-0.02; 'none' tried at the given rates, and worse."""
+    trials = [
+        ({"model.activation": "relu", "optimizer.lr": 0.012}, 0.95, {}),
+        ({"model.activation": "relu", "optimizer.lr": 0.0021}, 0.93, {}),
+        ({"model.activation": "tanh", "optimizer.lr": 0.018}, 0.948, {}),
+        ({"model.activation": "tanh", "optimizer.lr": 0.0011}, 0.92, {}),
+    ]
+    for k, lr in enumerate(none_lrs):
+        trials.append(({"model.activation": "none", "optimizer.lr": lr}, 0.85 - 0.01 * k, {}))
+    return _study(trials, **{"cnnstudy.scientific": ["model.activation"]})
+
+
+def test_a_setting_that_lost_without_its_nuisance_tuned_is_flagged_as_confounded():
+    """The pooling study on MNIST (docs/findings.md): the losing setting only ever had
+    learning rates far from the ones the winners needed. Its loss is not a finding."""
+    an = analysis.analyse(_activation_study([0.0013, 0.0016, 0.0014]))
+    assert an.too_small is None
+    assert list(an.untuned) == ["none"]
+    assert "optimizer.lr=0.0013-0.0016" in an.untuned["none"]
+    assert "relu, tanh optimizer.lr=0.012-0.018" in an.untuned["none"]
+    assert "Not a finding for model.activation=none" in an.answer
+    (warning,) = analysis.untuned_warnings(an)
+    assert warning.startswith("model.activation=none may be worse only for want of tuning")
+    page = report.render(an, {}, storage="sqlite:///x.db", parent_run="")
+    assert "Confounded: model.activation=none may be worse" in page
+    # the same loss with a learning rate near the winners' tried there: a finding
+    fair = analysis.analyse(_activation_study([0.0013, 0.011, 0.0016]))
+    assert fair.untuned == {}
+    assert "none is worse by more than that. Each configuration" in fair.answer
+    assert "Not a finding" not in fair.answer
+
+
 def _report_text(page: Path) -> str:
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page.read_text())
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
@@ -306,3 +339,29 @@ def test_the_report_renders_in_headless_chromium_offline_with_no_console_error(t
     picture = Image.open(io.BytesIO(shot)).convert("L")
     assert picture.size[1] > 1000
     assert ImageStat.Stat(picture).stddev[0] > 10  # not a blank page
+
+
+def test_a_two_objective_study_draws_its_pareto_front_with_the_objectives_named(monkeypatch):
+    made = optuna.create_study(directions=["maximize", "minimize"])
+    made.set_user_attr("cnnstudy.objective", ["val/acc", "time/fit_s"])
+    for k, units in enumerate([8, 16, 32, 64, 128, 256, 512]):
+        made.add_trial(
+            create_trial(
+                params={"model.hidden_units": units},
+                distributions={"model.hidden_units": UNITS},
+                values=[0.9 + 0.01 * k, 1.0 + k * k],
+            )
+        )
+    import optuna.visualization.matplotlib as ovm
+
+    seen = {}
+    real = ovm.plot_pareto_front
+
+    def spy(study, **kwargs):
+        seen.update(kwargs)
+        return real(study, **kwargs)
+
+    monkeypatch.setattr(ovm, "plot_pareto_front", spy)
+    pictures = report.figures(analysis.analyse(made))
+    assert seen["target_names"] == ["val/acc", "time/fit_s"]
+    assert pictures["pareto.png"].startswith(b"\x89PNG\r\n\x1a\n")

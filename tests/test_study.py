@@ -269,6 +269,35 @@ def test_several_objectives_give_a_pareto_front(tmp_path):
     assert parent.data.tags["pareto.trials"] == ",".join(map(str, best))
 
 
+def test_each_setting_of_a_categorical_scientific_parameter_gets_its_turn(tmp_path):
+    """balance (on by default): the settings of model.activation take turns, whatever TPE
+    would have drawn; the learning rate (nuisance) is still the sampler's. Off, TPE's
+    seeded draws (checked here) leave the settings uneven."""
+    sweep = (
+        "hydra:\n  sweeper:\n    n_trials: 7\n    scientific: [model.activation]\n"
+        "    nuisance: [optimizer.lr]\n    params:\n"
+        "      model.activation: choice(relu, tanh, none)\n"
+        "      optimizer.lr: tag(log, interval(0.001, 0.03))\n"
+    )
+    study_from_file(tmp_path, "turns", sweep)
+    trials = trials_of(tmp_path, "turns")
+    drawn = [t.params["model.activation"] for t in trials]
+    assert drawn == ["relu", "tanh", "none", "relu", "tanh", "none", "relu"]
+    assert all(t.user_attrs.get("balanced") == "model.activation" for t in trials)
+    for t in trials:  # given the best trial's learning rate, or the sampler's own
+        if "nuisance_from" in t.user_attrs:
+            source = trials[t.user_attrs["nuisance_from"]]
+            assert t.params["optimizer.lr"] == source.params["optimizer.lr"]
+            assert source.params["model.activation"] != t.params["model.activation"]
+    assert len({t.params["optimizer.lr"] for t in trials}) >= 4
+    off = tmp_path / "off"
+    off.mkdir()
+    study_from_file(off, "turns", sweep.replace("n_trials: 7", "n_trials: 7\n    balance: false"))
+    free = [t.params["model.activation"] for t in trials_of(off, "turns")]
+    assert sorted(free.count(a) for a in ("relu", "tanh", "none")) != [2, 2, 3]
+    assert not any("balanced" in t.user_attrs for t in trials_of(off, "turns"))
+
+
 def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_failed_and_retried(tmp_path):
     """A RUNNING trial from a host this one cannot see: its heartbeat, not its pid, says
     it is dead. Named sampler and pruner on the command line."""

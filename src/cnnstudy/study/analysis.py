@@ -20,6 +20,7 @@ REJECTED = "rejected"
 MIN_TRIALS = 6  # complete trials in all, to answer anything
 MIN_PER_SETTING = 2  # complete trials at each setting of the scientific parameter
 MAX_BINS = 5  # settings of a numeric scientific parameter with many distinct values
+UNTUNED_GAP = 0.25  # a nuisance value this far (fraction of its range) from the best's
 BOOTSTRAP = 1000
 
 
@@ -38,6 +39,7 @@ class Setting:
     edf_x: list[float] = field(default_factory=list)
     edf: list[float] = field(default_factory=list)
     edf_band: tuple[list[float], list[float]] = ((), ())  # type: ignore[assignment]
+    trials: list[Any] = field(default_factory=list)  # the complete trials here
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Analysis:
     answer: str
     edges: list[str]  # warnings: the best value sits on the edge of the search space
     counts: dict[str, int]
+    untuned: dict[str, str] = field(default_factory=dict)  # setting -> why it is confounded
 
     @property
     def best(self) -> Any:
@@ -162,6 +165,7 @@ def _settings(study: Any, trials: list[Any], key: str, maximize: bool) -> list[S
                 best=best,
                 best_value=best.values[0],
                 spread=float(spread[0]) if spread else None,
+                trials=members,
             )
         )
     return out
@@ -215,8 +219,6 @@ def _answer(an: Analysis) -> str:
     """One or two sentences drawn from the data."""
     obj = an.objective
     settings = an.settings
-    pick = max if an.maximize else min
-    top = pick(settings, key=lambda s: s.best_value)
     key = an.scientific
 
     def said(s: Setting) -> str:
@@ -225,8 +227,7 @@ def _answer(an: Analysis) -> str:
     def labels(group: list[Setting]) -> str:
         return ", ".join(s.label for s in group)
 
-    close = [s for s in settings if abs(s.best_value - top.best_value) <= _noise(an, s, top)[0]]
-    far = [s for s in settings if s not in close]
+    top, close, far = _split(an)
     _, by = _noise(an, top, top)
     if an.noise is not None:
         unit = " points" if obj.endswith("acc") else ""
@@ -248,7 +249,7 @@ def _answer(an: Analysis) -> str:
                 text += f" Larger settings ({labels(larger)}) are within {by} of it."
         if far:
             text += f" {labels(far)}: worse by more than that."
-        return text
+        return text + _caveat(an)
     text = f"{key}={top.label} is best: {_fmt(top.best_value, obj)}{_spread_fmt(top.spread, obj)}."
     tied = [s for s in close if s is not top]
     if tied:
@@ -256,7 +257,93 @@ def _answer(an: Analysis) -> str:
     if far:
         margin = "that" if tied else by
         text += f" {labels(far)} {'is' if len(far) == 1 else 'are'} worse by more than {margin}."
-    return text
+    return text + _caveat(an)
+
+
+def _split(an: Analysis) -> tuple[Setting, list[Setting], list[Setting]]:
+    """The top setting, those within noise of it (itself included), and the rest."""
+    pick = max if an.maximize else min
+    top = pick(an.settings, key=lambda s: s.best_value)
+    close = [s for s in an.settings if abs(s.best_value - top.best_value) <= _noise(an, s, top)[0]]
+    return top, close, [s for s in an.settings if s not in close]
+
+
+def _caveat(an: Analysis) -> str:
+    if not an.untuned:
+        return ""
+    where = ", ".join(f"{an.scientific}={label}" for label in an.untuned)
+    return (
+        f" Not a finding for {where}: the nuisance parameters were not tried there near the "
+        "values the best settings needed (confounded; see the warning)."
+    )
+
+
+def _position(dist: Any, value: Any) -> float | None:
+    """Where a numeric value sits in its distribution's range, 0 to 1 (log scale where the
+    space is log); None for a categorical distribution."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    if not isinstance(dist, (IntDistribution, FloatDistribution)):
+        return None
+    lo, hi, v = float(dist.low), float(dist.high), float(value)
+    if dist.log:
+        lo, hi, v = math.log(lo), math.log(hi), math.log(v)
+    return (v - lo) / (hi - lo) if hi > lo else 0.0
+
+
+def near(dist: Any, a: Any, b: Any) -> bool:
+    """Whether two values of a nuisance parameter are close enough to count as the same
+    tuning: within UNTUNED_GAP of the range (log scale where the space is log), or the
+    same choice of a categorical one."""
+    pa, pb = _position(dist, a), _position(dist, b)
+    if pa is None or pb is None:
+        return a == b
+    return abs(pa - pb) <= UNTUNED_GAP
+
+
+def _span(values: list[Any]) -> str:
+    low, high = min(values), max(values)
+    return _label(low) if low == high else f"{_label(low)}-{_label(high)}"
+
+
+def _untuned(an: Analysis) -> dict[str, str]:
+    """The settings that lost but whose nuisance parameters were never tried near the
+    values the winning settings' best trials had: their loss may be the nuisance
+    parameter's, not the scientific one's (Google's tuning playbook: nuisance parameters
+    are tuned at each setting). Near: within UNTUNED_GAP of the range (log scale where
+    the space is log), or the same choice."""
+    if not an.nuisance or len(an.settings) < 2:
+        return {}
+    _, close, far = _split(an)
+    refs = [s.best for s in close]
+    found: dict[str, str] = {}
+    for setting in far:
+        members = setting.trials
+        reasons = []
+        for key in an.nuisance:
+            goals = [r for r in refs if key in r.params]
+            tried = [t for t in members if key in t.params]
+            if not goals or not tried:
+                continue
+            dist = goals[0].distributions[key]
+            if not any(near(dist, t.params[key], r.params[key]) for t in tried for r in goals):
+                reasons.append(
+                    f"its {len(tried)} trial(s) had {key}={_span([t.params[key] for t in tried])}, "
+                    f"the best trial(s) of {', '.join(s.label for s in close)} "
+                    f"{key}={_span([r.params[key] for r in goals])}"
+                )
+        if reasons:
+            found[setting.label] = "; ".join(reasons)
+    return found
+
+
+def untuned_warnings(an: Analysis) -> list[str]:
+    return [
+        f"{an.scientific}={label} may be worse only for want of tuning: {why}. Run more "
+        "trials (hydra.sweeper.balance=true gives every setting its turn), or fix the "
+        "nuisance parameter at a value every setting shares"
+        for label, why in an.untuned.items()
+    ]
 
 
 def _edges(study: Any, best: Any) -> list[str]:
@@ -357,6 +444,7 @@ def analyse(study: Any) -> Analysis:
         )
         an.answer = an.too_small
     else:
+        an.untuned = _untuned(an)
         an.answer = _answer(an)
         if seeds < 2:
             an.answer += (

@@ -145,7 +145,9 @@ def figures(an: Any) -> dict[str, bytes]:
         "plot_parallel_coordinate", study, **({} if single else target)
     )
     if not single:
-        out["pareto.png"] = _optuna_plot("plot_pareto_front", study)
+        names = [str(o) for o in study.user_attrs.get("cnnstudy.objective") or []]
+        named = {"target_names": names} if len(names) == len(study.directions) else {}
+        out["pareto.png"] = _optuna_plot("plot_pareto_front", study, **named)
     out["params.png"] = _params_scatter(an)
     return {k: v for k, v in out.items() if v}
 
@@ -180,7 +182,7 @@ color:#555}.meta{color:#555;font-size:.9em}
 
 def render(an: Any, pictures: dict[str, bytes], *, storage: str, parent_run: str) -> str:
     """The HTML page: every figure inline as a data: URI, no script, no external link."""
-    from cnnstudy.study.analysis import _fmt, _spread_fmt, importances
+    from cnnstudy.study.analysis import _fmt, _spread_fmt, importances, untuned_warnings
 
     e = html.escape
     study = an.study
@@ -200,6 +202,8 @@ def render(an: Any, pictures: dict[str, bytes], *, storage: str, parent_run: str
     ]
     for warning in an.edges:
         parts.append(f"<p class='warn'>Edge of the search space: {e(warning)}.</p>")
+    for warning in untuned_warnings(an):
+        parts.append(f"<p class='warn'>Confounded: {e(warning)}.</p>")
     c = an.counts
     parts.append(
         f"<p class='meta'>{c['trials']} trials: {c['complete']} complete, {c['pruned']} pruned, "

@@ -75,6 +75,7 @@ class Settings:
     question: str | None = None  # the question the study answers (its report's title)
     scientific: list[str] = field(default_factory=list)  # what the question is about
     nuisance: list[str] = field(default_factory=list)  # tuned at each scientific setting
+    balance: bool = True  # each setting of a categorical scientific parameter in turn
     report: bool = True  # write the report at the end of every run of the study
 
     @property
@@ -275,6 +276,71 @@ class StudyRunner:
             self.points = [dict(zip(keys, v, strict=True)) for v in _product(self.grid.values())]
         default = len(self.points) if self.grid is not None else 20
         self.target = self.settings.n_trials or default
+        self.balanced = self._balanced(space)
+
+    def _balanced(self, space: dict[str, Any]) -> tuple[str, list[Any]] | None:
+        """The scientific parameter whose settings take turns, with its choices: the first
+        categorical one of the space, in a one-objective study that is not a grid. Left to
+        a sampler like TPE, a setting that started badly gets few trials, and the nuisance
+        parameters are never tuned there (README: Reports, confounding)."""
+        from optuna.distributions import CategoricalDistribution
+
+        s = self.settings
+        if not s.balance or self.grid is not None or len(s.objectives) > 1:
+            return None
+        for key in s.scientific:
+            if isinstance(space.get(key), CategoricalDistribution):
+                return key, list(space[key].choices)
+        return None
+
+    def _queue_next_setting(self) -> None:
+        """Queue a trial at the setting of the balanced parameter with the fewest trials
+        so far (every state counts: a rejected setting has had its turn), unless trials
+        are already waiting (enqueue:, retries); under the storage's lock. A setting
+        whose finished trials never had the nuisance parameters near the best trial's
+        values gets those values (the rest the sampler's): each setting is tried where
+        the others did best, so that it does not lose for want of tuning."""
+        from optuna.trial import TrialState
+
+        from cnnstudy.study.analysis import near
+
+        if self.balanced is None:
+            return
+        key, choices = self.balanced
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+
+        def value_of(trial: Any) -> str | None:
+            value = trial.params.get(key, trial.system_attrs.get("fixed_params", {}).get(key))
+            return None if value is None else spaces.override_value(value)
+
+        count = {spaces.override_value(c): 0 for c in choices}
+        for trial in trials:
+            if value_of(trial) in count:
+                count[value_of(trial)] += 1
+        fewest = min(count.values())
+        setting = next(c for c in choices if count[spaces.override_value(c)] == fewest)
+        params: dict[str, Any] = {key: setting}
+        attrs: dict[str, Any] = {"balanced": key}
+        best = self._best()
+        nuisance = [n for n in self.settings.nuisance if best is not None and n in best.params]
+        here = [
+            t
+            for t in trials
+            if value_of(t) == spaces.override_value(setting)
+            and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            and REJECTED not in t.user_attrs
+        ]
+        if best is not None and nuisance and here and value_of(best) != value_of(here[0]):
+            dists = best.distributions
+            if not any(
+                all(n in t.params and near(dists[n], t.params[n], best.params[n]) for n in nuisance)
+                for t in here
+            ):
+                params.update({n: best.params[n] for n in nuisance})
+                attrs["nuisance_from"] = best.number
+        self.study.enqueue_trial(params, user_attrs=attrs)
 
     def _mark_dead_trials(self, study: Any) -> None:
         """RUNNING trials whose process is gone (this machine) or whose heartbeat stopped
@@ -573,6 +639,7 @@ class StudyRunner:
                         return None  # every combination tried in this command
                     more = more and pending
                 if more:
+                    self._queue_next_setting()
                     with warnings.catch_warnings():
                         # heartbeats are recorded here (_Heartbeat), not by study.optimize
                         warnings.filterwarnings("ignore", message="Heartbeat of storage")

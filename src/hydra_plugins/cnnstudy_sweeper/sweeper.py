@@ -41,6 +41,9 @@ class CnnstudySweeperConf:
     question: str | None = None  # the question the study answers (its report's title)
     scientific: list[str] = field(default_factory=list)  # what the question is about
     nuisance: list[str] = field(default_factory=list)  # tuned at each scientific setting
+    # the first categorical scientific parameter's settings get trials in turn (one
+    # objective, not grid); the sampler chooses the rest
+    balance: bool = True
     report: bool = True  # write the report (HTML + PNG) at the end of every run
     search_space: Any = None  # hydra-optuna-sweeper's old key: use params
     custom_search_space: Any = None  # hydra-optuna-sweeper's: not supported
