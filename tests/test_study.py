@@ -271,8 +271,8 @@ def test_several_objectives_give_a_pareto_front(tmp_path):
 
 def test_each_setting_of_a_categorical_scientific_parameter_gets_its_turn(tmp_path):
     """balance (on by default): the settings of model.activation take turns, whatever TPE
-    would have drawn; the learning rate (nuisance) is still the sampler's. Off, TPE's
-    seeded draws (checked here) leave the settings uneven."""
+    would have drawn; the learning rate (nuisance) is the sampler's, or the best trial's
+    for a setting never tried near it (tests/test_samplers.py tests that rule alone)."""
     sweep = (
         "hydra:\n  sweeper:\n    n_trials: 7\n    scientific: [model.activation]\n"
         "    nuisance: [optimizer.lr]\n    params:\n"
@@ -290,12 +290,6 @@ def test_each_setting_of_a_categorical_scientific_parameter_gets_its_turn(tmp_pa
             assert t.params["optimizer.lr"] == source.params["optimizer.lr"]
             assert source.params["model.activation"] != t.params["model.activation"]
     assert len({t.params["optimizer.lr"] for t in trials}) >= 4
-    off = tmp_path / "off"
-    off.mkdir()
-    study_from_file(off, "turns", sweep.replace("n_trials: 7", "n_trials: 7\n    balance: false"))
-    free = [t.params["model.activation"] for t in trials_of(off, "turns")]
-    assert sorted(free.count(a) for a in ("relu", "tanh", "none")) != [2, 2, 3]
-    assert not any("balanced" in t.user_attrs for t in trials_of(off, "turns"))
 
 
 def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_failed_and_retried(tmp_path):
