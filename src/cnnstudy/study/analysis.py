@@ -318,11 +318,10 @@ def _untuned(an: Analysis) -> dict[str, str]:
     refs = [s.best for s in close]
     found: dict[str, str] = {}
     for setting in far:
-        members = setting.trials
         reasons = []
         for key in an.nuisance:
             goals = [r for r in refs if key in r.params]
-            tried = [t for t in members if key in t.params]
+            tried = [t for t in setting.trials if key in t.params]
             if not goals or not tried:
                 continue
             dist = goals[0].distributions[key]

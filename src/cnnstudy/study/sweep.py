@@ -315,24 +315,25 @@ class StudyRunner:
             value = trial.params.get(key, trial.system_attrs.get("fixed_params", {}).get(key))
             return None if value is None else spaces.override_value(value)
 
+        values = [value_of(t) for t in trials]
         count = {spaces.override_value(c): 0 for c in choices}
-        for trial in trials:
-            if value_of(trial) in count:
-                count[value_of(trial)] += 1
-        fewest = min(count.values())
-        setting = next(c for c in choices if count[spaces.override_value(c)] == fewest)
+        for value in values:
+            if value in count:
+                count[value] += 1
+        setting = min(choices, key=lambda c: count[spaces.override_value(c)])  # first of ties
+        label = spaces.override_value(setting)
         params: dict[str, Any] = {key: setting}
         attrs: dict[str, Any] = {"balanced": key}
         best = self._best()
         nuisance = [n for n in self.settings.nuisance if best is not None and n in best.params]
         here = [
             t
-            for t in trials
-            if value_of(t) == spaces.override_value(setting)
+            for t, value in zip(trials, values, strict=True)
+            if value == label
             and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
             and REJECTED not in t.user_attrs
         ]
-        if best is not None and nuisance and here and value_of(best) != value_of(here[0]):
+        if nuisance and here and value_of(best) != label:
             dists = best.distributions
             if not any(
                 all(n in t.params and near(dists[n], t.params[n], best.params[n]) for n in nuisance)
