@@ -14,7 +14,9 @@ from optuna.trial import TrialState
 from cnnstudy.errors import ConfigError
 from cnnstudy.study import samplers
 from cnnstudy.study import space as spaces
-from cnnstudy.study.sweep import Settings, StudyRunner, tell
+from cnnstudy.study.balance import Balance
+from cnnstudy.study.settings import Settings
+from cnnstudy.study.trial import tell
 
 MIXED = [
     "model.receptive_field=choice(3, 5, 7, 40)",
@@ -179,8 +181,8 @@ def test_an_optunahub_sampler_loads_from_a_local_registry(tmp_path):
         samplers.build_sampler({**spec, "class": "Nope"}, trials_before=0)
 
 
-def _balancing(trials: list[tuple[str, float, float]]) -> tuple[StudyRunner, optuna.Study]:
-    """A runner balancing model.pool over a study holding these (pool, lr, value) trials."""
+def _balancing(trials: list[tuple[str, float, float]]) -> tuple[Balance, optuna.Study]:
+    """model.pool balanced over a study holding these (pool, lr, value) trials."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import create_trial
 
@@ -189,46 +191,45 @@ def _balancing(trials: list[tuple[str, float, float]]) -> tuple[StudyRunner, opt
         "optimizer.lr": FloatDistribution(1e-3, 3e-2, log=True),
     }
     settings = Settings(scientific=["model.pool"], nuisance=["optimizer.lr"])
-    runner = StudyRunner(settings, None, None, None)
-    runner.study = optuna.create_study(direction="maximize")
+    study = optuna.create_study(direction="maximize")
     for pool, lr, value in trials:
         params = {"model.pool": pool, "optimizer.lr": lr}
-        runner.study.add_trial(create_trial(params=params, distributions=space, value=value))
-    runner.grid = None
-    runner.balanced = runner._balanced(space)
-    return runner, runner.study
+        study.add_trial(create_trial(params=params, distributions=space, value=value))
+    return Balance.of(settings, space, grid=False), study
 
 
 def test_balance_gives_each_setting_its_turn_and_the_best_trials_nuisance_values():
     """The next trial goes to the setting with the fewest trials; a setting never tried
     near the best trial's learning rate gets that rate (the MNIST pooling study's
     confounding, docs/findings.md), once: then the sampler tunes it again."""
-    runner, study = _balancing(
+    balance, study = _balancing(
         [("max", 0.0013, 0.97), ("avg", 0.015, 0.99), ("none", 0.012, 0.98), ("avg", 0.002, 0.98)]
     )
-    assert runner.balanced == ("model.pool", ["max", "avg", "none"])
-    runner._queue_next_setting()
+    assert (balance.key, balance.choices) == ("model.pool", ["max", "avg", "none"])
+    balance.queue_next(study)
     (waiting,) = study.get_trials(states=(TrialState.WAITING,))
     fixed = waiting.system_attrs["fixed_params"]
     assert fixed == {"model.pool": "max", "optimizer.lr": 0.015}
     assert waiting.user_attrs == {"balanced": "model.pool", "nuisance_from": 1}
-    runner._queue_next_setting()  # a trial is waiting: nothing more is queued
+    balance.queue_next(study)  # a trial is waiting: nothing more is queued
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
     trial = study.ask()
     study.tell(trial, 0.985)
-    runner._queue_next_setting()  # max has had the best's rate: the next turn is none's
+    balance.queue_next(study)  # max has had the best's rate: the next turn is none's
     (waiting,) = study.get_trials(states=(TrialState.WAITING,))
     assert waiting.system_attrs["fixed_params"] == {"model.pool": "none"}
     assert waiting.user_attrs == {"balanced": "model.pool"}
 
 
 def test_balance_is_off_when_asked_for_several_objectives_or_no_categorical_scientific():
-    runner, _ = _balancing([])
-    runner.settings.balance = False
-    assert runner._balanced({"model.pool": None}) is None
-    runner.settings = Settings(scientific=["model.pool"], objective=["val/acc", "model/params"])
-    assert runner._balanced({}) is None
-    runner.settings = Settings(scientific=["optimizer.lr"])
-    from optuna.distributions import FloatDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    assert runner._balanced({"optimizer.lr": FloatDistribution(1e-3, 1e-2)}) is None
+    pools = {"model.pool": CategoricalDistribution(["max", "avg"])}
+    off = Settings(scientific=["model.pool"], balance=False)
+    assert Balance.of(off, pools, grid=False) is None
+    assert Balance.of(Settings(scientific=["model.pool"]), pools, grid=True) is None
+    several = Settings(scientific=["model.pool"], objective=["val/acc", "model/params"])
+    assert Balance.of(several, pools, grid=False) is None
+    rate = Settings(scientific=["optimizer.lr"])
+    assert Balance.of(rate, {"optimizer.lr": FloatDistribution(1e-3, 1e-2)}, grid=False) is None
+    assert Balance.of(Settings(scientific=["model.pool"]), pools, grid=False) is not None

@@ -297,7 +297,7 @@ def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_failed_and_retrie
     it is dead. Named sampler and pruner on the command line."""
     import sqlite3
 
-    from cnnstudy.study.sweep import make_storage
+    from cnnstudy.study.storage import make_storage
 
     url = f"sqlite:///{tmp_path}/optuna.db"
     lost = optuna.create_study(

@@ -19,8 +19,7 @@ from typing import Any
 
 from cnnstudy.errors import ConfigError, console_script, report, user_errors_exit
 from cnnstudy.redact import redact_text
-
-DEFAULT_STORAGE = "sqlite:///optuna.db"
+from cnnstudy.study.settings import DEFAULT_STORAGE
 
 
 def _matplotlib() -> Any:
@@ -298,7 +297,7 @@ def _load(name: str, storage: str) -> Any:
     import optuna
 
     from cnnstudy.run.store import check_store, store_lock
-    from cnnstudy.study.sweep import make_storage
+    from cnnstudy.study.storage import make_storage
 
     check_store(storage, create=False)  # a report never creates a store
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,4 +1,4 @@
-"""The Hydra plugin: `hydra/sweeper: cnnstudy`. Thin: settings in, cnnstudy.study.sweep runs
+"""The Hydra plugin: `hydra/sweeper: cnnstudy`. Thin: settings in, cnnstudy.study.loop runs
 the study. Hydra finds it by importing every module under the hydra_plugins namespace
 (without registering the module in sys.modules: no `from __future__ import annotations`
 here, the dataclass needs its annotations evaluated)."""
@@ -94,7 +94,7 @@ class CnnstudySweeper(Sweeper):
 
     def _sweep(self, arguments: list[str]) -> Any:
         from cnnstudy.errors import ConfigError
-        from cnnstudy.study.sweep import Settings, StudyRunner
+        from cnnstudy.study.loop import Settings, StudyRunner
 
         raw = {
             k: (OmegaConf.to_container(v) if isinstance(v, DictConfig) else v)

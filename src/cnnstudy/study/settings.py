@@ -1,0 +1,86 @@
+"""A study's settings: `hydra.sweeper.*` as plain data, checked before anything is created.
+
+The Hydra plugin (hydra_plugins/cnnstudy_sweeper) declares the keys with their defaults
+and comments; this is what the study code reads. Nothing here imports Optuna or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnnstudy.errors import ConfigError
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+
+
+@dataclass
+class Settings:
+    """hydra.sweeper.* (hydra_plugins.cnnstudy_sweeper.CnnstudySweeperConf), plain."""
+
+    study_name: str | None = None
+    storage: str | None = None
+    n_trials: int | None = None  # default: 20, or every combination of a grid
+    objective: Any = "val/acc"
+    direction: Any = "maximize"
+    directions: list[str] | None = None
+    sampler: Any = None
+    pruner: Any = None
+    params: dict[str, str] = field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    seeds: int = 1
+    max_failures: int = 5
+    retry_failed: int = 0  # times a trial whose process died is run again, same parameters
+    n_jobs: int = 1
+    max_failure_rate: float | None = None  # hydra-optuna-sweeper's key, accepted
+    question: str | None = None  # the question the study answers (its report's title)
+    scientific: list[str] = field(default_factory=list)  # what the question is about
+    nuisance: list[str] = field(default_factory=list)  # tuned at each scientific setting
+    balance: bool = True  # each setting of a categorical scientific parameter in turn
+    report: bool = True  # write the report at the end of every run of the study
+
+    @property
+    def objectives(self) -> list[str]:
+        if isinstance(self.objective, str):
+            return [self.objective]
+        return [str(o) for o in self.objective]
+
+    @property
+    def all_directions(self) -> list[str]:
+        given = self.directions or self.direction
+        given = [given] if isinstance(given, str) else list(given)
+        if len(given) == 1 and len(self.objectives) > 1:
+            given = given * len(self.objectives)
+        return [str(d) for d in given]
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or DEFAULT_STORAGE
+
+
+def check(settings: Settings) -> None:
+    """A ConfigError naming the first key whose value cannot work."""
+
+    def fail(key: str, value: Any, why: str) -> None:
+        raise ConfigError(f"hydra.sweeper.{key}={value}: {why}")
+
+    if settings.n_trials is not None and settings.n_trials < 1:
+        fail("n_trials", settings.n_trials, "must be at least 1")
+    if settings.seeds < 1:
+        fail("seeds", settings.seeds, "must be at least 1")
+    if settings.n_jobs < 1:
+        fail("n_jobs", settings.n_jobs, "must be at least 1")
+    for name in settings.objectives:
+        if not name.startswith(("val/", "train/", "model/", "time/")):
+            fail(
+                "objective",
+                name,
+                "a study selects on validation (or training) metrics, e.g. val/acc, val/loss, "
+                "on the network's size (model/params) and training time (time/fit_s); test "
+                "metrics are reported, never selected on",
+            )
+    if len(settings.all_directions) != len(settings.objectives):
+        fail("directions", settings.all_directions, "needs one direction per objective")
+    for d in settings.all_directions:
+        if d not in ("maximize", "minimize"):
+            fail("direction", d, "valid: maximize, minimize")

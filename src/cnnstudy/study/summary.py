@@ -1,0 +1,162 @@
+"""What a study tells: a line per trial, and at the end the best trial (or the Pareto
+front), `results.yaml` in the sweep folder, the dashboard link and the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from cnnstudy.errors import ConfigError
+from cnnstudy.redact import redact_text
+from cnnstudy.study.trial import REJECTED, Outcome, Tracking, reproduce_command
+
+
+def finished_count(study: Any) -> int:
+    """Complete or pruned trials, not counting rejected architectures."""
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    trials = study.get_trials(deepcopy=False, states=done)
+    return sum(REJECTED not in t.user_attrs for t in trials)
+
+
+def best_trial(study: Any) -> Any:
+    """The best complete trial of a one-objective study, or None."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete or len(study.directions) > 1:
+        return None
+    return study.best_trial
+
+
+def pareto_front(study: Any) -> list[Any]:
+    """The Pareto front of a study with several objectives (complete trials)."""
+    from optuna.trial import TrialState
+
+    if len(study.directions) < 2:
+        return []
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def trial_line(study: Any, trial: Any, outcome: Outcome, client: Any, tracking: Tracking) -> None:
+    """The trial's line on the terminal; the best so far on the parent run."""
+    best = best_trial(study)
+    parent = tracking.parent_run_id
+    value = "" if not outcome.values else " ".join(f"{v:.4f}" for v in outcome.values)
+    line = f"trial {trial.number:>3} {outcome.state:<8} {value:>8}"
+    if best is not None:
+        line += f"  best {best.value:.4f} (trial {best.number})"
+        client.log_metric(parent, "best/value", best.value, step=trial.number)
+        client.set_tag(parent, "best.trial", str(best.number))
+        client.set_tag(parent, "best.params", str(best.params)[:5000])
+    front = pareto_front(study)
+    if front:
+        numbers = ",".join(str(t.number) for t in front)
+        line += f"  Pareto front: trials {numbers}"
+        client.set_tag(parent, "pareto.trials", numbers[:5000])
+    line += f"  {outcome.seconds:.1f} s"
+    if outcome.reason:
+        line += f"  ({outcome.reason[:200]})"
+    print(redact_text(line), flush=True)
+
+
+def _reproduction(trial: Any, fixed: list[str]) -> dict[str, Any]:
+    return {
+        "trial": trial.number,
+        "values": list(trial.values),
+        "params": dict(trial.params),
+        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id", ""),
+        "reproduce": reproduce_command(fixed, trial),
+    }
+
+
+def summarise(
+    study: Any,
+    *,
+    settings: Any,
+    tracking: Tracking,
+    client: Any,
+    sweep_dir: Path,
+    fixed: list[str],
+    timings: list[dict[str, float]],
+    grid: Any,
+    storage_url: str,
+) -> list[Any]:
+    """The end of a run of the study: best trial or Pareto front, results.yaml, the
+    dashboard link, the report; exit 2 (ConfigError) when combinations of a grid did
+    not finish."""
+    import yaml
+
+    best = best_trial(study)
+    results: dict[str, Any] = {
+        "study": study.study_name,
+        "storage": redact_text(storage_url),
+        "mlflow_parent_run_id": tracking.parent_run_id,
+        "trials": len(study.trials),
+        "finished": finished_count(study),
+    }
+    if best is not None:
+        found = _reproduction(best, fixed)
+        results.update(
+            {
+                "best_trial": best.number,
+                "best_value": best.value,
+                "best_params": found["params"],
+                "best_mlflow_run_id": found["mlflow_run_id"],
+                "reproduce": found["reproduce"],
+            }
+        )
+        print(
+            f"best: trial {best.number}, {settings.objectives[0]} {best.value:.4f}, "
+            f"MLflow run {results['best_mlflow_run_id']}\nreproduce: {results['reproduce']}",
+            flush=True,
+        )
+    front = pareto_front(study)
+    if front:
+        results["pareto_front"] = [_reproduction(t, fixed) for t in front]
+        print(f"Pareto front ({', '.join(settings.objectives)}):", flush=True)
+        for entry in results["pareto_front"]:
+            values = " ".join(f"{v:.4f}" for v in entry["values"])
+            print(f"  trial {entry['trial']}: {values}  {entry['reproduce']}", flush=True)
+    unfinished = grid.unfinished(study) if grid is not None else []
+    if unfinished:
+        results["unfinished"] = unfinished
+    results["timings"] = timings
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
+    experiment = client.get_run(tracking.parent_run_id).info.experiment_id
+    if tracking.uri.startswith("http"):
+        base = tracking.uri.rstrip("/")
+    else:
+        base = "http://127.0.0.1:5000"
+    print(
+        f"results: {sweep_dir / 'results.yaml'}\nthe study's runs: {base}/#/experiments/"
+        f"{experiment}/runs/{tracking.parent_run_id}  (cnnstudy-ui serves them)",
+        flush=True,
+    )
+    if settings.report:
+        write_study_report(study, sweep_dir / "report", storage_url, tracking.uri)
+    if unfinished:
+        raise ConfigError(
+            f"{len(unfinished)} of {len(grid.points)} combinations did not finish: "
+            f"{'; '.join(unfinished)}. The same command retries the failed ones "
+            "(a rejected one fails again until its config changes)"
+        )
+    return [results]
+
+
+def write_study_report(study: Any, folder: Path, storage_url: str, tracking_uri: str) -> None:
+    """The study's report (cnnstudy.study.report), logged to the parent run; a report
+    that fails is said, and the study's results stand."""
+    from cnnstudy.study.report import write_report
+
+    try:
+        page = write_report(study, folder, storage=storage_url, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 -- the trials are stored; say what failed
+        print(f"cnnstudy: the report failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return
+    print(f"report: {page}", flush=True)
