@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,9 +81,23 @@ def test_a_study_runs_n_trials_as_child_runs_of_one_parent_and_resumes(tmp_path)
         run = by_trial[trial.number]
         assert trial.value == run.data.metrics["val/acc"]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
-        assert run.info.run_name.startswith(f"trial {trial.number}: model.hidden_units=")
+        assert run.info.run_name.startswith(f"trial {trial.number}: hidden_units=")
+        assert run.info.status == "FINISHED" and run.data.tags["cnnstudy.trial_state"] == "COMPLETE"
+        lr = run.info.run_name.rsplit("lr=", 1)[1]  # 4 significant digits; exact in params
+        assert len(lr.replace("0.", "").lstrip("0")) <= 4, run.info.run_name
+        assert float(run.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["study.sampler"] == "TPESampler"
+    best = max(trials, key=lambda t: t.value)
+    assert json.loads(parent.data.tags["best.params"]) == best.params  # JSON, not a repr
+    assert "**how many hidden units" in parent.data.tags["mlflow.note.content"]  # its landing page
+    link = (
+        "the study's trials: http://127.0.0.1:5000/#/experiments/"
+        f"{parent.info.experiment_id}/runs?searchFilter="
+    )
+    assert link in first.stdout and "orderByKey=metrics.%60val%2Facc%60&orderByAsc=false" in (
+        first.stdout
+    )
     assert "best: trial" in first.stdout and "reproduce: cnnstudy-train" in first.stdout
     assert first.stdout.count(" COMPLETE ") == 3
     (results,) = tmp_path.glob("multirun/*/*/results.yaml")
@@ -213,10 +228,13 @@ def study_names(where: Path) -> list[str]:
 
 
 def test_a_plain_comma_multirun_is_a_grid_study_that_resumes_and_retries(tmp_path):
-    failing = study(tmp_path, "model.receptive_field=3,5", "hydra.sweeper.objective=val/none")
+    # each job of this command finds no tracking store; the study's name is its overrides
+    nowhere = "+hydra.job.env_set.MLFLOW_TRACKING_URI=sqlite:////nonexistent/m.db"
+    failing = study(tmp_path, "model.receptive_field=3,5", nowhere)
     assert failing.returncode == 2
     assert "2 of 2 combinations did not finish: model.receptive_field=" in failing.stderr
-    assert "objective val/none is None" in failing.stderr and "Traceback" not in failing.stderr
+    assert "folder /nonexistent does not exist" in failing.stderr
+    assert "Traceback" not in failing.stderr
     (name,) = study_names(tmp_path)  # named after the command: the same command resumes it
     assert name.startswith("multirun ") and "model.receptive_field=3,5" in name
     trials = trials_of(tmp_path, name)
@@ -233,7 +251,7 @@ def test_a_plain_comma_multirun_is_a_grid_study_that_resumes_and_retries(tmp_pat
     assert parent.data.params["study.sampler"] == "GridSampler"
     assert parent.data.params["study.n_trials"] == "2"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4  # the failed trials trained too; their runs stay
+    assert len(children) == 2  # the failed trials stopped before their runs began
     assert "best: trial" in done.stdout
 
     again = study(tmp_path, "model.receptive_field=3,5")
@@ -354,14 +372,27 @@ def test_a_pruner_prunes_a_trial_inside_training(tmp_path):
     (pruned_run,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.trial") == "1"]
     assert pruned_run.info.status == "KILLED"
     assert pruned_run.data.tags["cnnstudy.trial_state"] == "PRUNED"
-    assert (
-        len(
-            mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(
-                pruned_run.info.run_id, "val/acc"
-            )
-        )
-        < 4
-    )  # stopped before its last epoch
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    epochs = len(client.get_metric_history(pruned_run.info.run_id, "val/acc"))
+    assert epochs < 4  # stopped before its last epoch
+    # reported after every validation epoch, counted from 0 as the progress bar counts
+    complete, pruned = trials
+    assert sorted(complete.intermediate_values) == [0, 1, 2, 3]
+    assert complete.intermediate_values[3] == complete.value
+    last = max(pruned.intermediate_values)
+    assert pruned.user_attrs["reason"].startswith(f"pruned at epoch {last} (after {last + 1} of 4")
+    assert pruned_run.data.tags["cnnstudy.epochs_trained"] == str(last + 1) == str(epochs)
+    again = run_cli(
+        "cnnstudy-reproduce",
+        pruned_run.info.run_id,
+        "--no-progress",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was pruned by its study" in again.stdout
+    assert f"{epochs} of trainer.max_epochs=4 epochs" in again.stdout
+    assert "MATCH" in again.stdout
 
 
 def test_seeds_train_each_configuration_several_times_and_report_the_mean(tmp_path):
@@ -383,6 +414,30 @@ def test_seeds_train_each_configuration_several_times_and_report_the_mean(tmp_pa
     assert {r.data.tags["mlflow.parentRunId"] for r in seed_runs} == {trial_run.info.run_id}
     assert sorted(r.data.params["seed"] for r in seed_runs) == ["0", "1"]
     assert sorted(r.data.metrics["val/acc"] for r in seed_runs) == sorted(values)
+    # the trial's run: ended as its trial, with its parameters, config, seed mean and spread
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert trial_run.info.status == "FINISHED"
+    tags = trial_run.data.tags
+    assert tags["cnnstudy.study"] == "seeded" and tags["cnnstudy.trial_state"] == "COMPLETE"
+    assert tags["cnnstudy.pid"] and tags["cnnstudy.host"]  # what ends it if its process dies
+    assert trial_run.data.params["model.hidden_units"] == str(trial.params["model.hidden_units"])
+    assert trial_run.data.metrics["val/acc"] == pytest.approx(trial.value)
+    assert trial_run.data.metrics["seed_std/val/acc"] == pytest.approx(
+        trial.user_attrs["seed_std"][0]
+    )
+    assert trial.user_attrs["mlflow_run_id"] == trial_run.info.run_id
+    (results,) = tmp_path.glob("multirun/*/*/results.yaml")
+    assert f"best_mlflow_run_id: {trial_run.info.run_id}" in results.read_text()
+    again = run_cli(
+        "cnnstudy-reproduce",
+        trial_run.info.run_id,
+        "--no-progress",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "training seed(s) 0, 1 again" in again.stdout
+    assert "MATCH: every metric of 2 seed run(s) agrees" in again.stdout
 
 
 class LongStudy:
@@ -452,11 +507,11 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(tmp
     assert len(finished(trials)) == 2
 
 
-def test_failed_trials_are_recorded_and_max_failures_stops_the_study(tmp_path):
+def test_diverged_trials_fail_in_optuna_and_mlflow_and_max_failures_stops_the_study(tmp_path):
     done = study(
         tmp_path,
         "sweep=hidden_units",
-        "hydra.sweeper.objective=val/nonexistent",
+        "optimizer.lr=1e12",  # every trial: the loss becomes NaN
         "hydra.sweeper.max_failures=2",
         "hydra.sweeper.study_name=failing",
     )
@@ -465,7 +520,17 @@ def test_failed_trials_are_recorded_and_max_failures_stops_the_study(tmp_path):
     assert "Traceback" not in done.stderr
     trials = trials_of(tmp_path, "failing")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
-    assert trials[0].user_attrs["fail_reason"] == "objective val/nonexistent is None"
+    reason = trials[0].user_attrs["fail_reason"]
+    assert reason.startswith("training diverged:") and "loss is nan" in reason
+    runs = runs_of(tmp_path)
+    statuses = sorted((r.data.tags.get("cnnstudy.run_kind"), r.info.status) for r in runs)
+    assert statuses == [("study", "FAILED"), ("trial", "FAILED"), ("trial", "FAILED")]
+    (parent,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert "max_failures=2" in parent.data.tags["cnnstudy.stopped_reason"]
+    for run in runs:
+        if run is not parent:
+            assert run.data.tags["cnnstudy.trial_state"] == "FAIL"
+            assert run.data.tags["cnnstudy.fail_reason"].startswith("training diverged")
 
 
 def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp_path):
@@ -484,6 +549,9 @@ def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp
     assert len(finished(trials_of(tmp_path, "hidden_units"))) == 1
     parents = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
     assert [r.info.status for r in parents] == ["FINISHED"]  # the same parent, resumed
+    assert "cnnstudy.killed_reason" not in parents[0].data.tags  # not a stale one
+    assert parents[0].data.tags["cnnstudy.pid"] != str(long.proc.pid)  # held by the resume
+    assert not [r for r in runs_of(tmp_path) if r.info.status == "RUNNING"]
 
 
 def test_n_jobs_runs_trials_in_parallel_processes_with_a_share_of_the_cores(tmp_path):
@@ -528,8 +596,163 @@ def test_two_commands_started_at_once_on_a_new_study_share_exactly_n_trials(tmp_
     trials = trials_of(tmp_path, "hidden_units")
     assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
     assert len(finished(trials)) == 5
+    # each process's sampler seeded apart: no trial repeats another's draw
+    assert len({t.params["optimizer.lr"] for t in trials}) == 5
     runs = runs_of(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
     assert (
         len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 5
     )
+
+
+def test_what_would_fail_every_trial_is_an_error_before_anything_is_created(tmp_path):
+    """One line, exit 2, in seconds, no study and no MLflow run: keys the config does not
+    have, metrics no run logs, a pruner on several objectives, sampler arguments of the
+    wrong type, counts out of range, a storage in a missing folder."""
+    cases = {
+        "model.nonexistent=choice(1,2)": "hydra.sweeper.params: model.nonexistent=1: Could not",
+        "hydra.sweeper.objective=val/nope": "objective=val/nope: no run logs it; valid: val/acc",
+        "hydra.sweeper.objective=[val/acc,model/params] hydra.sweeper.pruner=median": (
+            "Optuna cannot prune a study of several objectives"
+        ),
+        "hydra.sweeper.sampler={name:tpe,n_startup_trials:abc}": "cannot draw a trial: TypeError",
+        "hydra.sweeper.max_failures=0": "max_failures=0: must be at least 1",
+        "hydra.sweeper.retry_failed=-1": "retry_failed=-1: must be 0 (no retry) or more",
+        "hydra.sweeper.enqueue=[{model.foo:1}]": "enqueue: model.foo is not a parameter",
+    }
+    for args, said in cases.items():
+        done = study(tmp_path, "sweep=hidden_units", *args.split())
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        assert said in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+    missing = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "sweep=hidden_units",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/missing/o.db",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"the folder {tmp_path}/missing does not exist" in missing.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_space_of_impossible_networks_stops_after_max_rejected_and_the_objective_stays(tmp_path):
+    done = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "model.receptive_field=choice(40,50)",
+        "hydra.sweeper.max_rejected=8",
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "max_rejected=8: the last 8 trials were all rejected by the shape check" in done.stderr
+    assert "output size would be floor((32 - " in done.stderr  # the constraint that fails
+    trials = trials_of(tmp_path, "hidden_units")
+    assert len(trials) == 8 and all("rejected" in t.user_attrs for t in trials)
+    (parent,) = runs_of(tmp_path)
+    assert (
+        parent.info.status == "FAILED"
+        and "max_rejected" in parent.data.tags["cnnstudy.stopped_reason"]
+    )
+    # the same study with another objective would mix two metrics' values: refused
+    other = study(
+        tmp_path,
+        "sweep=hidden_units",
+        "model.receptive_field=choice(40,50)",
+        "hydra.sweeper.objective=val/loss",
+        "hydra.sweeper.direction=minimize",
+    )
+    assert other.returncode == 2
+    assert "was created with the objective ['val/acc']" in other.stderr
+
+
+def test_an_interval_on_the_command_line_is_a_sampled_study_not_a_grid(tmp_path):
+    done = study(tmp_path, "model.hidden_units=int(interval(8, 64))", "hydra.sweeper.n_trials=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (parent,) = [r for r in runs_of(tmp_path) if r.data.tags["cnnstudy.run_kind"] == "study"]
+    assert parent.data.params["study.sampler"] == "TPESampler"
+    assert parent.data.params["study.n_trials"] == "2"
+
+
+def _parallel(where: Path, n_trials: int) -> tuple[subprocess.Popen, list[str]]:
+    """A 2-process study of trials of a few seconds each, started in the background."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{where}/mlflow.db"
+    args = [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        *TINY,
+        "trainer.max_epochs=40",
+        f"hydra.sweeper.n_trials={n_trials}",
+        "hydra.sweeper.n_jobs=2",
+        f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
+        f"logger.artifact_location={where}/a",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    return proc, args
+
+
+def _worker_training(where: Path, driver: int) -> int:
+    """The pid of the driver's worker, once the MLflow run of a trial of its is running."""
+    from cnnstudy.run.store import serialized
+
+    uri = f"sqlite:///{where}/mlflow.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (where / "mlflow.db").exists():
+            runs = serialized(uri, lambda: runs_of(where))
+            for run in runs:
+                pid = int(run.data.tags.get("cnnstudy.pid", 0))
+                kind = run.data.tags.get("cnnstudy.run_kind")
+                if kind == "trial" and run.info.status == "RUNNING" and pid != driver:
+                    time.sleep(1.0)
+                    return pid
+        time.sleep(0.3)
+    raise AssertionError("no trial of the worker started")
+
+
+def test_a_worker_killed_with_sigkill_fails_its_trial_and_the_driver_finishes_the_study(
+    tmp_path,
+):
+    proc, _ = _parallel(tmp_path, n_trials=3)
+    worker = _worker_training(tmp_path, proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]  # every trial finished: the study did
+    assert f"worker {worker} was killed by SIGKILL; its trial was marked FAIL" in out
+    trials = trials_of(tmp_path, "hidden_units")
+    assert len(finished(trials)) == 3
+    (dead,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert f"process {worker}" in dead.user_attrs["fail_reason"]
+    runs = runs_of(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (lost,) = [r for r in runs if r.data.tags.get("cnnstudy.trial") == str(dead.number)]
+    assert lost.info.status in ("FAILED", "KILLED")
+
+
+def test_no_worker_outlives_its_driver_killed_with_sigkill(tmp_path):
+    proc, _ = _parallel(tmp_path, n_trials=6)
+    worker = _worker_training(tmp_path, proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        status = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if status == "Z":
+            break  # it ended; init has not reaped it yet
+        time.sleep(0.5)
+    else:
+        assert not Path(f"/proc/{worker}").exists(), "the worker went on without its driver"
+    trials = trials_of(tmp_path, "hidden_units")
+    mine = [t for t in trials if t.user_attrs.get("cnnstudy.pid") == str(worker)]
+    assert mine and all(t.state != TrialState.RUNNING for t in mine)
+    runs = runs_of(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags["cnnstudy.run_kind"] == "study"]
+    assert parent.info.status == "KILLED"
+    assert "driver" in parent.data.tags["cnnstudy.killed_reason"]
+    worker_runs = [r for r in runs if r.data.tags.get("cnnstudy.pid") == str(worker)]
+    assert worker_runs and all(r.info.status != "RUNNING" for r in worker_runs)

@@ -37,9 +37,15 @@ class Stopped(Exception):  # noqa: N818 -- a decision, not a failure
     """A run stopped on purpose before its last epoch (a study's pruner); `state` names it
     (PRUNED). The run is marked KILLED with the tag cnnstudy.trial_state."""
 
-    def __init__(self, message: str, state: str = "PRUNED") -> None:
+    def __init__(self, message: str, state: str = "PRUNED", epochs: int = 0) -> None:
         super().__init__(message)
         self.state = state
+        self.epochs = epochs  # epochs trained when it stopped
+
+
+class Diverged(Exception):  # noqa: N818 -- an outcome of training, not a bug
+    """Training diverged: a loss became NaN or infinite. The run is FAILED, with the
+    reason in the tag cnnstudy.fail_reason; in a study, the trial fails with it."""
 
 
 def report(err: BaseException | str) -> None:

@@ -6,6 +6,7 @@ as arguments (Lightning's style guide: keep the nn.Module apart from the system)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,6 +15,8 @@ import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from cnnstudy.errors import Diverged
 
 
 class Totals:
@@ -106,6 +109,11 @@ class Classifier(L.LightningModule):
         if self.trainer.world_size > 1:
             summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
         loss_sum, correct, count = summed.tolist()
+        if not math.isfinite(loss_sum) and stage != "test":
+            raise Diverged(
+                f"training diverged: {stage}/loss is {loss_sum / count} at epoch "
+                f"{self.current_epoch} (a smaller optimizer.lr, or gradient clipping)"
+            )
         shown = stage != "test"  # the progress bar shows train and val loss and accuracy
         self.log(f"{stage}/loss", loss_sum / count, prog_bar=shown)
         self.log(f"{stage}/acc", correct / count, prog_bar=shown)

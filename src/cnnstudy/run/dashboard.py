@@ -7,12 +7,56 @@ the experiment's runs table, where runs are compared side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError, console_script, user_errors_exit
 from cnnstudy.run import store
+
+DEFAULT_ADDRESS = "http://127.0.0.1:5000"
+
+
+def _address_file(uri: str) -> Path | None:
+    """Where cnnstudy-ui notes the address it serves a SQLite store at: beside the file."""
+    path = store.sqlite_path(uri)
+    return None if path is None else path.with_name(path.name + ".ui.json")
+
+
+def address(uri: str) -> tuple[str, bool]:
+    """(the dashboard's address for the runs in `uri`, whether it is serving now): the
+    server itself for an http store; else where cnnstudy-ui serves this store, when it
+    does; else the address `cnnstudy-ui` would take."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/"), True
+    noted = _address_file(uri)
+    try:
+        served = json.loads(noted.read_text()) if noted else None
+        os.kill(int(served["pid"]), 0)
+        return str(served["url"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_ADDRESS, False
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{address(uri)[0]}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def runs_link(uri: str, experiment_id: str, search: str, order_by: str, ascending: bool) -> str:
+    """The experiment's runs table, filtered (MLflow's search syntax) and sorted, e.g. on
+    metrics.`val/acc`."""
+    query = urlencode(
+        {"searchFilter": search, "orderByKey": order_by, "orderByAsc": str(ascending).lower()},
+        quote_via=quote,
+    )
+    return f"{address(uri)[0]}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def served_note(uri: str) -> str:
+    return "" if address(uri)[1] else "  (start the dashboard: cnnstudy-ui)"
 
 
 def _port_free(host: str, port: int) -> None:
@@ -65,6 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.print_only:
         return
+    noted = _address_file(uri)
+    if noted is not None:  # the process keeps its pid through exec: studies link here
+        try:
+            url = f"http://{args.host}:{args.port}"
+            noted.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        except OSError:
+            pass
     command = [
         sys.executable,
         "-m",

@@ -33,19 +33,30 @@ class Comparison:
     stored_history: list[tuple[int, float]]
     new_history: list[tuple[int, float]]
 
+    prefix: bool = False  # a pruned run: its history is the start of the new one's
+
     def matches(self, tolerance: float) -> bool:
         if not self.compared:
             return True
-        if self.new is None or len(self.stored_history) != len(self.new_history):
+        if self.new is None:
             return False
-        pairs = [
-            (self.stored, self.new),
-            *zip(
-                [v for _, v in self.stored_history], [v for _, v in self.new_history], strict=True
-            ),
-        ]
-        steps_agree = [s for s, _ in self.stored_history] == [s for s, _ in self.new_history]
-        return steps_agree and all(abs(a - b) <= tolerance for a, b in pairs)
+        new_history = self.new_history
+        if self.prefix:  # the stored run stopped early: the start of the new history
+            new_history = new_history[: len(self.stored_history)]
+            return self._agree(self.stored_history, new_history, tolerance)
+        if len(self.stored_history) != len(new_history):
+            return False
+        return abs(self.stored - self.new) <= tolerance and self._agree(
+            self.stored_history, new_history, tolerance
+        )
+
+    @staticmethod
+    def _agree(stored: list, new: list, tolerance: float) -> bool:
+        if len(stored) != len(new):
+            return False
+        steps_agree = [s for s, _ in stored] == [s for s, _ in new]
+        pairs = zip(stored, new, strict=True)
+        return steps_agree and all(abs(a - b) <= tolerance for (_, a), (_, b) in pairs)
 
 
 def stored_config(client, run_id: str) -> DictConfig:
@@ -78,7 +89,7 @@ def stored_config(client, run_id: str) -> DictConfig:
     return cfg
 
 
-def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
+def compare(client, stored_run_id: str, new_run_id: str, prefix: bool = False) -> list[Comparison]:
     """Every metric of the stored run, its latest value and its whole history, against the new."""
     from cnnstudy.run.train import is_timing
 
@@ -98,6 +109,7 @@ def compare(client, stored_run_id: str, new_run_id: str) -> list[Comparison]:
                 compared,
                 history(stored_run_id, name) if compared else [],
                 history(new_run_id, name) if compared else [],
+                prefix,
             )
         )
     return rows
@@ -115,6 +127,19 @@ def print_table(rows: list[Comparison], tolerance: float, title: str) -> None:
         verdict = "(timing)" if not row.compared else ("yes" if row.matches(tolerance) else "NO")
         table.add_row(row.metric, f"{row.stored:.10g}", new, verdict)
     Console().print(table)
+
+
+def stop_after(epochs: int):
+    """A callback that stops training after `epochs` epochs, where a study's pruner
+    stopped the stored run (after that epoch's validation)."""
+    import lightning as L
+
+    class StopAfterEpochs(L.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.current_epoch + 1 >= epochs:
+                trainer.should_stop = True
+
+    return StopAfterEpochs()
 
 
 @user_errors_exit
@@ -136,6 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="largest absolute difference counted as a match (default: 0, exact)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="a study's trial of several seeds: train only this seed again (default: each)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
@@ -149,11 +180,6 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from cnnstudy.config.check import check
-    from cnnstudy.data.files import check_files
-    from cnnstudy.data.splits import load_splits
-    from cnnstudy.run.train import summary, train
-
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     try:
@@ -161,7 +187,69 @@ def main(argv: list[str] | None = None) -> None:
     except MlflowException as err:
         raise ConfigError(f"run {args.run_id} not found in {uri}: {err.message}") from None
 
-    cfg = stored_config(client, args.run_id)
+    seeds = _seed_runs(client, run)
+    if not seeds:
+        if args.seed is not None:
+            raise ConfigError(
+                f"--seed {args.seed}: run {args.run_id} is one run, not a trial of seeds"
+            )
+        if not _reproduce(client, run, args, uri):
+            sys.exit(1)
+        return
+    tags = run.data.tags
+    if args.seed is not None:
+        seeds = {k: v for k, v in seeds.items() if k == args.seed}
+        if not seeds:
+            raise ConfigError(
+                f"--seed {args.seed}: trial {tags.get('cnnstudy.trial')} of study "
+                f"{tags.get('cnnstudy.study')} trained seeds {tags.get('cnnstudy.seeds')}"
+            )
+    print(
+        f"run {args.run_id} is trial {tags.get('cnnstudy.trial')} of study "
+        f"{tags.get('cnnstudy.study')}, one run per seed: training seed(s) "
+        f"{', '.join(str(k) for k in seeds)} again, each compared with its own run"
+    )
+    failed = [seed for seed, child in seeds.items() if not _reproduce(client, child, args, uri)]
+    if failed:
+        print(f"MISMATCH in seed(s) {', '.join(str(k) for k in failed)}")
+        sys.exit(1)
+    print(f"MATCH: every metric of {len(seeds)} seed run(s) agrees")
+
+
+def _seed_runs(client, run) -> dict[int, object]:
+    """A study's trial of several seeds: its seed runs by seed; else {}."""
+    if run.data.tags.get("cnnstudy.run_kind") != "trial" or not run.data.tags.get("cnnstudy.seeds"):
+        return {}
+    children = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+        max_results=1000,
+    )
+    found = {}
+    for child in children:
+        seed = child.data.tags.get("cnnstudy.seed", "")
+        if child.data.tags.get("cnnstudy.run_kind") == "seed" and seed.lstrip("-").isdigit():
+            found[int(seed)] = child
+    return dict(sorted(found.items()))
+
+
+def _epochs_trained(client, run) -> int:
+    tagged = run.data.tags.get("cnnstudy.epochs_trained", "")
+    if tagged.isdigit() and int(tagged) > 0:
+        return int(tagged)
+    return len(client.get_metric_history(run.info.run_id, "val/loss"))
+
+
+def _reproduce(client, run, args: argparse.Namespace, uri: str) -> bool:
+    """Train one run again and compare; whether every compared metric matches."""
+    from cnnstudy.config.check import check
+    from cnnstudy.data.files import check_files
+    from cnnstudy.data.splits import load_splits
+    from cnnstudy.run.context import RunRequest, requested
+    from cnnstudy.run.train import summary, train
+
+    run_id = run.info.run_id
+    cfg = stored_config(client, run_id)
     cfg.logger.tracking_uri = uri  # the stored one may be redacted; the re-run lands beside it
     cfg.logger.experiment_name = client.get_experiment(run.info.experiment_id).name
     cfg.logger.run_name = f"reproduce {run.info.run_name}"
@@ -183,19 +271,30 @@ def main(argv: list[str] | None = None) -> None:
         if data_now != data_then:
             print(f"data: DIFFERENT (fingerprint {data_then} then, {data_now} now)")
             print("MISMATCH in the data fingerprint: not trained again")
-            sys.exit(1)
+            return False
         print(f"data: same (fingerprint {data_now})")
 
-    result = train(
-        cfg,
-        overrides,
-        entry_point="cnnstudy-reproduce",
-        extra_tags={"cnnstudy.reproduces": args.run_id},
-        tracking_uri=uri,
-    )
+    request = RunRequest(raise_config_errors=False)
+    pruned = run.data.tags.get("cnnstudy.trial_state") == "PRUNED"
+    if pruned:
+        epochs = _epochs_trained(client, run)
+        reason = run.data.tags.get("cnnstudy.stopped_reason", "pruned")
+        print(
+            f"run {run_id} was pruned by its study ({reason}): trained again to the same "
+            f"point, {epochs} of trainer.max_epochs={cfg.trainer.max_epochs} epochs"
+        )
+        request.callbacks = [stop_after(epochs)]
+    with requested(request):
+        result = train(
+            cfg,
+            overrides,
+            entry_point="cnnstudy-reproduce",
+            extra_tags={"cnnstudy.reproduces": run_id},
+            tracking_uri=uri,
+        )
 
-    rows = compare(client, args.run_id, result.run_id)
-    print_table(rows, args.tolerance, f"run {args.run_id} reproduced as {result.run_id}")
+    rows = compare(client, run_id, result.run_id, prefix=pruned)
+    print_table(rows, args.tolerance, f"run {run_id} reproduced as {result.run_id}")
     print(summary(result))
     from importlib import metadata
 
@@ -204,8 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     failed = [row.metric for row in rows if not row.matches(args.tolerance)]
     if failed:
         print(f"MISMATCH in {len(failed)} metric(s): {', '.join(failed)}")
-        sys.exit(1)
+        return False
     print(f"MATCH: all {sum(r.compared for r in rows)} compared metrics agree")
+    return True
 
 
 cli = console_script(main)

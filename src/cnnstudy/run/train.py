@@ -37,6 +37,7 @@ from cnnstudy.data.files import check_files
 from cnnstudy.errors import (
     EXIT_USER_ERROR,
     ConfigError,
+    Diverged,
     Interrupted,
     Stopped,
     console_script,
@@ -452,9 +453,14 @@ def train(
                 mlflow.set_tag("cnnstudy.killed_reason", f"{stop} during the run")
                 mlflow.end_run("KILLED")
                 raise stop from None
+            except Diverged as err:  # a result of the config, not a bug: no traceback
+                mlflow.set_tag("cnnstudy.fail_reason", str(err))
+                mlflow.end_run("FAILED")
+                raise
             except Stopped as stop:  # a study's pruner: over, on purpose, not failed
                 mlflow.set_tag("cnnstudy.trial_state", stop.state)
                 mlflow.set_tag("cnnstudy.stopped_reason", str(stop))
+                mlflow.set_tag("cnnstudy.epochs_trained", str(stop.epochs))
                 mlflow.end_run("KILLED")
                 raise
     return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
@@ -483,6 +489,7 @@ def _log_network(network: Any, cfg: DictConfig) -> None:
 
 def summary(result: RunResult) -> str:
     from cnnstudy.redact import redact_text
+    from cnnstudy.run.dashboard import run_link, served_note
 
     m = result.metrics
     nan = float("nan")
@@ -493,7 +500,8 @@ def summary(result: RunResult) -> str:
         f"  time {result.seconds:.1f} s\n"
         f"MLflow run {result.run_id} (experiment {result.experiment_id}) in "
         f"{redact_text(result.tracking_uri)}\n"
-        f"See it: make ui  (or cnnstudy-ui)"
+        f"See it: {run_link(result.tracking_uri, result.experiment_id, result.run_id)}"
+        f"{served_note(result.tracking_uri)}"
     )
 
 
@@ -520,6 +528,14 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float] | None:
     overrides = list(hydra_cfg.overrides.task)
     try:
         result = train(cfg, overrides, root_dir=hydra_cfg.runtime.output_dir)
+    except Diverged as err:
+        if context.current() is not None:
+            raise  # a study's trial: it fails with the reason
+        report(f"{err}; the run is marked FAILED")
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(1)
+        _failed_jobs.append(" ".join(override_secret(o) for o in overrides))
+        return None
     except ConfigError as err:
         request = context.current()
         if request is not None and request.raise_config_errors:

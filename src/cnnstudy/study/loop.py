@@ -16,8 +16,11 @@ towards `n_trials`; trials left RUNNING by a dead process are marked FAIL.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,8 +36,9 @@ from cnnstudy.study import samplers, workers
 from cnnstudy.study import space as spaces
 from cnnstudy.study.balance import Balance
 from cnnstudy.study.grid import Grid
-from cnnstudy.study.parent import open_parent_run
-from cnnstudy.study.settings import Settings, check
+from cnnstudy.study.parent import close_parent_run, open_parent_run
+from cnnstudy.study.runs import end_trial_runs
+from cnnstudy.study.settings import Settings, check, check_storage
 from cnnstudy.study.storage import Heartbeat, mark_dead_trials, open_study
 from cnnstudy.study.summary import finished_count, summarise, trial_line
 from cnnstudy.study.trial import Outcome, Tracking, TrialRunner
@@ -49,6 +53,8 @@ class StudyRunner:
         self.failures = 0
         self.exhausted = False  # the sampler has covered its whole space
         self.timings: list[dict[str, float]] = []  # sampler and storage time per trial
+        self.workers: list[Any] = []  # the n_jobs - 1 processes this one started
+        self.rejected: list[str] = []  # reasons of the trials rejected in a row, up to now
 
     # ------------------------------------------------------------------ set-up
 
@@ -74,6 +80,7 @@ class StudyRunner:
         spec = samplers.spec("sampler", self.settings.sampler)
         if spec is None:
             plain = not self._sweep_file() and not self.settings.params
+            plain = plain and not any("interval(" in a for a in self.arguments)  # continuous
             try:
                 spaces.grid(space)
             except ConfigError:
@@ -81,6 +88,15 @@ class StudyRunner:
             spec = samplers.spec("sampler", "grid" if plain else "tpe")
         self.sampler_spec = spec
         self.pruner_spec = samplers.spec("pruner", self.settings.pruner)
+        pruning = self.pruner_spec is not None and not str(
+            self.pruner_spec.get("_target_", "")
+        ).endswith("NopPruner")
+        if pruning and len(self.settings.objectives) > 1:
+            raise ConfigError(
+                f"hydra.sweeper.pruner={self.settings.pruner}: Optuna cannot prune a study of "
+                f"several objectives ({', '.join(self.settings.objectives)}); valid: no pruner "
+                "(pruner: none), or one objective"
+            )
         grid = spaces.grid(space) if samplers.is_grid(spec) else None
         self.grid = None if grid is None else Grid(grid, self.started)
         default = len(self.grid.points) if self.grid is not None else 20
@@ -90,7 +106,8 @@ class StudyRunner:
     def _study(self, space: dict[str, Any]) -> Any:
         s = self.settings
         self.url = s.storage_url
-        study = open_study(
+        check_storage(self.url)
+        study, joined = open_study(
             self.url,
             s.study_name or self._default_name(),
             s.all_directions,
@@ -107,6 +124,7 @@ class StudyRunner:
             self.sampler_spec,
             trials_before=len(study.trials),
             grid=None if self.grid is None else self.grid.grid,
+            process=joined,
         )
         study.pruner = samplers.build_pruner(self.pruner_spec)
         return study
@@ -114,8 +132,6 @@ class StudyRunner:
     # ------------------------------------------------------------------ the loop
 
     def run(self, arguments: list[str]) -> list[Any]:
-        import mlflow
-
         s = self.settings
         check(s)
         self.arguments = arguments
@@ -128,13 +144,14 @@ class StudyRunner:
                 "the study has no search space: give hydra.sweeper.params in the sweep file "
                 "or sweeps on the command line (model.hidden_units=int(interval(16, 512)))"
             )
-        started: list[Any] = []
+        threads = 0
         if s.n_jobs > 1:  # each process trains with its share of the cores
             threads = max(1, workers.cores() // s.n_jobs)
             fixed["trainer.num_threads"] = str(threads)
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
+        self.fixed_values = fixed
+        self._check_before_the_first_trial(space)
         self.study = study = self._study(space)
-        mark_dead_trials(study, s.retry_failed)
         with store_lock(self.url):  # one parent run, one enqueue, however many processes
             self.tracking = Tracking(
                 *open_parent_run(
@@ -148,42 +165,86 @@ class StudyRunner:
                 )
             )
             if not study.trials:
-                for params in s.enqueue or []:
-                    study.enqueue_trial(dict(params))
-        self.trials = TrialRunner(
-            s, self.config, self.launcher, self.loader, self.fixed, self.tracking
+                for params in s.enqueue or []:  # a key fixed on the command line: its value
+                    study.enqueue_trial({k: v for k, v in dict(params).items() if k in space})
+        try:
+            return self._run(space, threads)
+        except BaseException as err:
+            # the parent run is the driver's; a worker ends it only when the driver is gone
+            if not workers.is_worker() or workers.driver_gone():
+                status = "KILLED" if isinstance(err, Interrupted) else "FAILED"
+                close_parent_run(self.tracking.uri, self.tracking.parent_run_id, status, _why(err))
+            raise
+
+    def _check_before_the_first_trial(self, space: dict[str, Any]) -> None:
+        """What would fail every trial, or loop without end, said in seconds, before the
+        study or its parent run exist: a key of the space or of `enqueue` that the
+        config does not have, a value the config cannot take, sampler arguments the
+        sampler cannot use."""
+        s = self.settings
+        check_storage(s.storage_url)
+        for params in s.enqueue or []:
+            unknown = [k for k in dict(params) if k not in space and k not in self.fixed_values]
+            if unknown:
+                raise ConfigError(
+                    f"hydra.sweeper.enqueue: {', '.join(unknown)} is not a parameter of the "
+                    f"search space; it has: {', '.join(space) or 'none'}"
+                )
+        runner = TrialRunner(s, self.config, self.launcher, self.loader, self.fixed, None)
+        for key, values in spaces.probe_values(space).items():
+            for value in values:
+                try:
+                    runner.job_config([*self.fixed, f"{key}={spaces.override_value(value)}"])
+                except ConfigError as err:
+                    raise ConfigError(
+                        f"hydra.sweeper.params: {key}={spaces.override_value(value)}: {err}"
+                    ) from None
+        samplers.try_sampler(
+            self.sampler_spec,
+            space,
+            s.all_directions,
+            grid=None if self.grid is None else self.grid.grid,
         )
-        parent = self.tracking.parent_run_id
-        client = mlflow.MlflowClient(self.tracking.uri)
+
+    def _run(self, space: dict[str, Any], threads: int) -> list[Any]:
+        import mlflow
+
+        s, study, tracking = self.settings, self.study, self.tracking
+        self._mark_dead_trials()
+        self.trials = TrialRunner(s, self.config, self.launcher, self.loader, self.fixed, tracking)
+        client = mlflow.MlflowClient(tracking.uri)
         if s.n_jobs > 1 and not workers.is_worker():
-            started = workers.start_workers(s.n_jobs - 1, threads)
+            self.workers = workers.start_workers(s.n_jobs - 1, threads)
+        if workers.is_worker():
+            workers.follow_driver()  # no worker outlives the command that started it
         print(
             f"study {study.study_name} in {redact_text(self.url)}: "
             f"{finished_count(study)} of {self.target} trials finished; MLflow parent run "
-            f"{parent}",
+            f"{tracking.parent_run_id}",
             flush=True,
         )
         try:
             with signals_interrupt():
                 self._loop(space, client)
-        except BaseException as stop:
-            workers.stop_workers(started)
-            if isinstance(stop, Interrupted):
-                client.set_tag(parent, "cnnstudy.killed_reason", f"{stop}")
-                client.set_terminated(parent, "KILLED")
+        except BaseException:
+            workers.stop_workers(self.workers)
             raise
-        if workers.wait_for_workers(started):
-            raise ConfigError(
-                "a worker process of the study failed (its output is above); run the same "
-                "command to resume"
-            )
+        died = workers.wait_for_workers(self.workers)
         if workers.is_worker():
             return []  # the process that started the workers reports the study
-        client.set_terminated(parent, "FINISHED")
+        self._mark_dead_trials()  # a worker's trial, when it died mid-trial
+        if died:
+            print(f"cnnstudy: {died}; its trial was marked FAIL", file=sys.stderr, flush=True)
+            if finished_count(study) < self.target:
+                raise ConfigError(f"{died}; run the same command to resume the study")
+        from cnnstudy.run.lifecycle import mark_orphans
+
+        mark_orphans(tracking.uri, by=f"the study's driver (pid {os.getpid()})")
+        close_parent_run(tracking.uri, tracking.parent_run_id, "FINISHED")
         return summarise(
             study,
             settings=s,
-            tracking=self.tracking,
+            tracking=tracking,
             client=client,
             sweep_dir=Path(self.config.hydra.sweep.dir),
             fixed=self.fixed,
@@ -191,6 +252,16 @@ class StudyRunner:
             grid=self.grid,
             storage_url=self.url,
         )
+
+    def _mark_dead_trials(self) -> None:
+        """Trials of processes that died are FAIL, their MLflow runs FAILED."""
+        tracking, name = self.tracking, self.study.study_name
+
+        def ended(trial: Any, why: str) -> None:
+            end_trial_runs(tracking, name, trial.number, "FAIL", why)
+
+        workers.reap(self.workers)  # a dead worker's pid is gone, not a zombie's
+        mark_dead_trials(self.study, self.settings.retry_failed, ended)
 
     def _ask(self, space: dict[str, Any]) -> Any:
         """The next trial, or None when the study has its n_trials: the count and the ask
@@ -220,7 +291,7 @@ class StudyRunner:
                         return study.ask(fixed_distributions=space)
             time.sleep(1.0)
             raise_if_signalled()
-            mark_dead_trials(study, self.settings.retry_failed)
+            self._mark_dead_trials()
 
     def _loop(self, space: dict[str, Any], client: Any) -> None:
         from cnnstudy.run.lifecycle import process_tags
@@ -228,6 +299,15 @@ class StudyRunner:
         s, study = self.settings, self.study
         while True:
             raise_if_signalled()  # between trials
+            if len(self.rejected) >= s.max_rejected:
+                reason, times = collections.Counter(self.rejected).most_common(1)[0]
+                raise ConfigError(
+                    f"hydra.sweeper.max_rejected={s.max_rejected}: the last "
+                    f"{len(self.rejected)} trials were all rejected by the shape check, "
+                    f"{times} of them {reason.removeprefix('rejected before training: ')}. "
+                    "Narrow the search space to networks that can exist "
+                    "(cnnstudy-describe shows the arithmetic)"
+                )
             if self.failures >= s.max_failures:
                 raise ConfigError(
                     f"hydra.sweeper.max_failures={s.max_failures}: {self.failures} trials "
@@ -260,4 +340,15 @@ class StudyRunner:
             )
             if outcome.state == "FAIL":
                 self.failures += 1
+            self.rejected = self.rejected + [outcome.reason] if outcome.state == "REJECTED" else []
             trial_line(study, trial, outcome, client, self.tracking)
+
+
+def _why(err: BaseException) -> str:
+    if workers.is_worker() and workers.driver_gone():
+        return f"the study's driver (pid {workers.driver_pid()}) is gone; {err} in its worker"
+    if isinstance(err, (ConfigError, Interrupted)):
+        return str(err)
+    if isinstance(err, SystemExit):
+        return f"exit {err.code}"
+    return f"{type(err).__name__}: {err}"

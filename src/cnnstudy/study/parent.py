@@ -13,6 +13,7 @@ from cnnstudy.study import space as spaces
 from cnnstudy.study.settings import Settings
 
 PARENT_ATTR = "cnnstudy.mlflow_parent_run_id"  # the study's user attribute naming it
+STOP_TAGS = ("cnnstudy.killed_reason", "cnnstudy.stopped_reason")
 
 
 def run_config(cfg: DictConfig) -> DictConfig:
@@ -49,9 +50,16 @@ def open_parent_run(
     if run_id:
         try:
             client.update_run(run_id, status="RUNNING")
-            return uri, experiment_id, run_id
         except MlflowException:
-            pass  # the store was reset: a new parent run
+            run_id = None  # the store was reset: a new parent run
+    if run_id:
+        run = client.get_run(run_id)
+        for tag in STOP_TAGS:  # what an earlier run of the study ended with
+            if tag in run.data.tags:
+                client.delete_tag(run_id, tag)
+        for key, value in process_tags().items():  # the process that holds it now
+            client.set_tag(run_id, key, value)
+        return uri, experiment_id, run_id
     run = client.create_run(
         experiment_id,
         run_name=f"study {study.study_name}",
@@ -81,3 +89,45 @@ def open_parent_run(
     client.log_text(run.info.run_id, redact_text(sweeper), "sweep.yaml")
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
     return uri, experiment_id, run.info.run_id
+
+
+def close_parent_run(uri: str, run_id: str, status: str, reason: str = "") -> None:
+    """End the parent run: FINISHED, KILLED (a signal; `cnnstudy.killed_reason`) or
+    FAILED (the study stopped on an error; `cnnstudy.stopped_reason`)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if status == "FINISHED":  # a worker's stop, before the study went on to its end
+        for tag in STOP_TAGS:
+            if tag in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, tag)
+    if reason:
+        tag = STOP_TAGS[0] if status == "KILLED" else STOP_TAGS[1]
+        client.set_tag(run_id, tag, redact_text(reason)[:5000])
+    client.set_terminated(run_id, status)
+
+
+def describe_parent_run(uri: str, run_id: str, note: str) -> None:
+    """The parent run's description in the dashboard (MLflow's note, markdown)."""
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_tag(run_id, "mlflow.note.content", redact_text(note))
+
+
+def landing_note(study: Any, best: Any, answer: str, report: bool) -> str:
+    """The parent run's description: the question, the answer, the best trial, and where
+    the report is."""
+    attrs = study.user_attrs
+    question = attrs.get("cnnstudy.question") or f"Study {study.study_name}"
+    objective = (attrs.get("cnnstudy.objective") or ["objective"])[0]
+    lines = [f"**{question}**", ""]
+    if answer:
+        lines += [answer, ""]
+    if best is not None:
+        params = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        lines += [f"Best trial {best.number}: {objective} {best.values[0]:.4f} with {params}.", ""]
+    if report:
+        lines.append("The report: the artifact `report/index.html` of this run.")
+    else:
+        lines.append(f"No report yet: `cnnstudy-report '{study.study_name}'` writes it.")
+    return "\n".join(lines)

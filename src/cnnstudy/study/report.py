@@ -19,6 +19,7 @@ from typing import Any
 
 from cnnstudy.errors import ConfigError, console_script, report, user_errors_exit
 from cnnstudy.redact import redact_text
+from cnnstudy.study.parent import describe_parent_run, landing_note
 from cnnstudy.study.settings import DEFAULT_STORAGE
 
 
@@ -290,6 +291,9 @@ def write_report(
         client = mlflow.MlflowClient(tracking_uri)
         client.log_artifacts(parent, str(out_dir), "report")
         client.set_tag(parent, "cnnstudy.answer", an.answer[:5000])
+        best = an.best if len(study.directions) == 1 else None
+        note = landing_note(study, best, answer=an.answer, report=True)
+        describe_parent_run(tracking_uri, parent, note)
     return page
 
 

@@ -86,11 +86,22 @@ def is_grid(node: dict[str, Any] | None) -> bool:
     return node is not None and str(node.get("_target_", "")).endswith("GridSampler")
 
 
-def build_sampler(node: dict[str, Any], *, trials_before: int, grid: Any = None) -> Any:
+def build_sampler(
+    node: dict[str, Any], *, trials_before: int, grid: Any = None, process: int = 0
+) -> Any:
+    """The sampler `node` describes. A seeded one is reseeded from its seed, the trials
+    the study holds and the number of the process among those that joined the study:
+    a resumed study does not repeat the draws before it, and two processes working on one
+    study do not draw the same sequence; the same history gives the same seeds."""
     node = dict(node)
     if node.get("seed") is not None:
-        # a rebuilt seeded sampler must not repeat the draws of the trials before it
-        node["seed"] = int(node["seed"]) + trials_before
+        import numpy as np
+
+        entropy = [int(node["seed"]), trials_before, process]
+        if trials_before == 0 and process == 0:
+            node["seed"] = int(node["seed"])  # a new study's first process: the seed given
+        else:
+            node["seed"] = int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
     if is_grid(node):
         node["search_space"] = grid
         if node["_target_"] == SAMPLERS["grid"]:
@@ -98,6 +109,31 @@ def build_sampler(node: dict[str, Any], *, trials_before: int, grid: Any = None)
     if "hub" in node:
         return _from_hub(node)
     return _instantiate("sampler", node)
+
+
+def try_sampler(
+    node: dict[str, Any], space: dict[str, Any], directions: list[str], grid: Any
+) -> None:
+    """Build the sampler and let it draw one trial of an in-memory study: arguments of the
+    wrong type fail here, in a line, not after the first trial has trained."""
+    import warnings
+
+    import optuna
+
+    sampler = build_sampler(node, trials_before=0, grid=grid)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            study = optuna.create_study(directions=directions, sampler=sampler)
+            study.ask(fixed_distributions=space)
+    except (TypeError, ValueError, AttributeError) as err:
+        shown = {k: v for k, v in node.items() if k != "search_space"}
+        raise ConfigError(
+            f"hydra.sweeper.sampler={shown}: {node.get('_target_', 'the sampler')} cannot "
+            f"draw a trial: {type(err).__name__}: {err}. Valid: the arguments its "
+            "constructor takes, of their types"
+        ) from None
 
 
 def build_pruner(node: dict[str, Any] | None) -> Any:

@@ -12,6 +12,17 @@ from typing import Any
 from cnnstudy.errors import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+# what every run logs (cnnstudy.run.train), and so what a study can select on
+OBJECTIVES = (
+    "val/acc",
+    "val/loss",
+    "train/acc",
+    "train/loss",
+    "model/params",
+    "model/connections",
+    "time/fit_s",
+    "train/images_per_s",
+)
 
 
 @dataclass
@@ -30,6 +41,7 @@ class Settings:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     seeds: int = 1
     max_failures: int = 5
+    max_rejected: int = 50  # trials in a row rejected by the shape check before stopping
     retry_failed: int = 0  # times a trial whose process died is run again, same parameters
     n_jobs: int = 1
     max_failure_rate: float | None = None  # hydra-optuna-sweeper's key, accepted
@@ -70,17 +82,43 @@ def check(settings: Settings) -> None:
         fail("seeds", settings.seeds, "must be at least 1")
     if settings.n_jobs < 1:
         fail("n_jobs", settings.n_jobs, "must be at least 1")
+    if settings.max_failures < 1:
+        fail("max_failures", settings.max_failures, "must be at least 1 (the first failure stops)")
+    if settings.max_rejected < 1:
+        fail("max_rejected", settings.max_rejected, "must be at least 1")
+    if settings.retry_failed < 0:
+        fail("retry_failed", settings.retry_failed, "must be 0 (no retry) or more")
     for name in settings.objectives:
-        if not name.startswith(("val/", "train/", "model/", "time/")):
+        if name.startswith("test/"):
             fail(
                 "objective",
                 name,
-                "a study selects on validation (or training) metrics, e.g. val/acc, val/loss, "
-                "on the network's size (model/params) and training time (time/fit_s); test "
-                "metrics are reported, never selected on",
+                "test metrics are reported, never selected on; valid: " + ", ".join(OBJECTIVES),
             )
+        if name not in OBJECTIVES:
+            fail("objective", name, "no run logs it; valid: " + ", ".join(OBJECTIVES))
     if len(settings.all_directions) != len(settings.objectives):
         fail("directions", settings.all_directions, "needs one direction per objective")
     for d in settings.all_directions:
         if d not in ("maximize", "minimize"):
             fail("direction", d, "valid: maximize, minimize")
+
+
+def check_storage(url: str) -> None:
+    """A storage that cannot work, said before anything is created: a SQLite file or a
+    journal in a folder that does not exist."""
+    from pathlib import Path
+
+    from cnnstudy.run.store import sqlite_path
+
+    path = sqlite_path(url)
+    if path is None and (
+        url.startswith("journal://")
+        or ("://" not in url and url.endswith((".log", ".journal", ".jsonl")))
+    ):
+        path = Path(url.removeprefix("journal://")).resolve()
+    if path is not None and not path.parent.is_dir():
+        raise ConfigError(
+            f"hydra.sweeper.storage={url}: the folder {path.parent} does not exist; create "
+            "it, or give a storage in a folder that does (default: sqlite:///optuna.db)"
+        )

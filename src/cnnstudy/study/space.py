@@ -117,3 +117,18 @@ def override_value(value: Any) -> str:
     if value is None:
         return "null"
     return str(value)
+
+
+def probe_values(space: dict[str, Any], most: int = 24) -> dict[str, list[Any]]:
+    """Values to compose a config with, to find a key or value the config cannot take
+    before the first trial: every choice of a categorical parameter (up to `most`), the
+    ends of a numeric range."""
+    from optuna.distributions import CategoricalDistribution
+
+    probes = {}
+    for key, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            probes[key] = list(dist.choices)[:most]
+        else:
+            probes[key] = [dist.low, dist.high]
+    return probes

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from cnnstudy.errors import ConfigError
@@ -56,6 +57,13 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
             load_if_exists=True,
         )
         stored = study.user_attrs.get("cnnstudy.search_space")
+        objective = study.user_attrs.get("cnnstudy.objective")
+        if objective is not None and list(objective) != list(attrs["objective"]):
+            raise ConfigError(
+                f"hydra.sweeper.objective={attrs['objective']}: study {name} in "
+                f"{redact_text(url)} was created with the objective {list(objective)}, and its "
+                "values are of that metric. Give another study_name, or the same objective"
+            )
         if stored is None:
             study.set_user_attr("cnnstudy.search_space", attrs["search_space"])
             study.set_user_attr("cnnstudy.objective", attrs["objective"])
@@ -75,7 +83,11 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
                 f"hydra.sweeper.direction={directions}: study {name} was created "
                 f"with {[d.name.lower() for d in study.directions]}"
             )
-    return study
+        # the processes that joined the study, this one included: each seeds its sampler
+        # apart (samplers.build_sampler)
+        joined = int(study.user_attrs.get("cnnstudy.processes", 0))
+        study.set_user_attr("cnnstudy.processes", joined + 1)
+    return study, joined
 
 
 def beating(study: Any) -> Any:
@@ -89,10 +101,13 @@ def beating(study: Any) -> Any:
     return None
 
 
-def mark_dead_trials(study: Any, retry_failed: int) -> None:
+def mark_dead_trials(
+    study: Any, retry_failed: int, ended: Callable[[Any, str], None] | None = None
+) -> None:
     """RUNNING trials whose process is gone (this machine) or whose heartbeat stopped
-    (any machine) are marked FAIL, with the reason; with `retry_failed`, their
-    parameters are queued to run again."""
+    (any machine) are marked FAIL, with the reason, and `ended(trial, reason)` is called
+    (their MLflow runs end too); with `retry_failed`, their parameters are queued to run
+    again."""
     import optuna
     from optuna.trial import TrialState
 
@@ -119,6 +134,8 @@ def mark_dead_trials(study: Any, retry_failed: int) -> None:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process marked it first
         print(f"trial {trial.number}: marked FAIL ({why})", flush=True)
+        if ended is not None:
+            ended(trial, why)
         retries = int(trial.user_attrs.get("retries", 0))
         if retries < retry_failed and trial.params:
             study.enqueue_trial(

@@ -3,12 +3,14 @@ front), `results.yaml` in the sweep folder, the dashboard link and the report.""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from cnnstudy.errors import ConfigError
 from cnnstudy.redact import redact_text
+from cnnstudy.study.parent import describe_parent_run, landing_note
 from cnnstudy.study.trial import REJECTED, Outcome, Tracking, reproduce_command
 
 
@@ -52,7 +54,7 @@ def trial_line(study: Any, trial: Any, outcome: Outcome, client: Any, tracking: 
         line += f"  best {best.value:.4f} (trial {best.number})"
         client.log_metric(parent, "best/value", best.value, step=trial.number)
         client.set_tag(parent, "best.trial", str(best.number))
-        client.set_tag(parent, "best.params", str(best.params)[:5000])
+        client.set_tag(parent, "best.params", json.dumps(best.params)[:5000])
     front = pareto_front(study)
     if front:
         numbers = ",".join(str(t.number) for t in front)
@@ -128,16 +130,11 @@ def summarise(
     results["timings"] = timings
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
-    experiment = client.get_run(tracking.parent_run_id).info.experiment_id
-    if tracking.uri.startswith("http"):
-        base = tracking.uri.rstrip("/")
-    else:
-        base = "http://127.0.0.1:5000"
-    print(
-        f"results: {sweep_dir / 'results.yaml'}\nthe study's runs: {base}/#/experiments/"
-        f"{experiment}/runs/{tracking.parent_run_id}  (cnnstudy-ui serves them)",
-        flush=True,
-    )
+    link = trials_link(study, settings, tracking)
+    print(f"results: {sweep_dir / 'results.yaml'}\nthe study's trials: {link}", flush=True)
+    if not settings.report:  # else the report writes it, with the answer
+        note = landing_note(study, best, answer="", report=False)
+        describe_parent_run(tracking.uri, tracking.parent_run_id, note)
     if settings.report:
         write_study_report(study, sweep_dir / "report", storage_url, tracking.uri)
     if unfinished:
@@ -160,3 +157,15 @@ def write_study_report(study: Any, folder: Path, storage_url: str, tracking_uri:
         print(f"cnnstudy: the report failed: {type(err).__name__}: {err}", file=sys.stderr)
         return
     print(f"report: {page}", flush=True)
+
+
+def trials_link(study: Any, settings: Any, tracking: Tracking) -> str:
+    """The dashboard's table of the study's trial runs, best first on the objective."""
+    from cnnstudy.run.dashboard import runs_link, served_note
+
+    name = study.study_name.replace("'", "")
+    search = f"tags.`cnnstudy.study` = '{name}' and tags.`cnnstudy.run_kind` = 'trial'"
+    order = f"metrics.`{settings.objectives[0]}`"
+    ascending = settings.all_directions[0] == "minimize"
+    link = runs_link(tracking.uri, tracking.experiment_id, search, order, ascending)
+    return link + served_note(tracking.uri)

@@ -20,10 +20,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cnnstudy.errors import ConfigError, Interrupted, Stopped
+from cnnstudy.errors import ConfigError, Diverged, Interrupted, Stopped
 from cnnstudy.redact import redact_text
 from cnnstudy.study import space as spaces
 from cnnstudy.study.parent import run_config
+from cnnstudy.study.runs import end_runs, log_seed_means, open_trial_run, run_name
 from cnnstudy.study.settings import Settings
 
 SHAPE_CONSTRAINT = "shape_check"
@@ -39,6 +40,8 @@ class Outcome:
     run_id: str = ""
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # mean over seeds
+    per_seed: list[dict[str, float]] = field(default_factory=list)  # every metric, each seed
+    runs: list[str] = field(default_factory=list)  # MLflow runs that end in its state
 
 
 @dataclass
@@ -84,7 +87,7 @@ class TrialRunner:
         launcher: Any,
         loader: Any,
         fixed: list[str],
-        tracking: Tracking,
+        tracking: Tracking | None,
     ) -> None:
         self.settings, self.config = settings, config
         self.launcher, self.loader = launcher, loader
@@ -97,23 +100,24 @@ class TrialRunner:
             *(f"{k}={spaces.override_value(v)}" for k, v in trial.params.items()),
         ]
 
-    def _job_config(self, overrides: list[str]) -> DictConfig:
+    def job_config(self, overrides: list[str]) -> DictConfig:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
         try:
             return self.loader.load_sweep_config(self.config, overrides)
         except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(str(err).strip().splitlines()[0]) from None
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            said = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
+            raise ConfigError(said) from None
 
     def run(self, study: Any, trial: Any) -> Outcome:
         from cnnstudy.config.check import check
-        from cnnstudy.run.context import RunRequest, requested
 
         overrides = self.overrides(trial)
         started = time.perf_counter()
         try:
-            job = self._job_config(overrides)
+            job = self.job_config(overrides)
             check(run_config(job))
         except ConfigError as err:
             trial.set_constraint(SHAPE_CONSTRAINT, 1.0)
@@ -124,82 +128,90 @@ class TrialRunner:
             )
         trial.set_constraint(SHAPE_CONSTRAINT, 0.0)
 
-        seeds = self.settings.seeds
-        seed0 = int(job.seed)
-        per_seed: list[list[float]] = []
-        kept: list[dict[str, float]] = []
+        seeds = [int(job.seed) + k for k in range(self.settings.seeds)]
+        trial_run = ""
+        if len(seeds) > 1:
+            trial_run = open_trial_run(self.tracking, study, trial, job, seeds)
+            trial.set_user_attr("mlflow_run_id", trial_run)
+        try:
+            outcome = self._seeds(study, trial, overrides, seeds, trial_run)
+        except Interrupted as stop:
+            end_runs(self.tracking.uri, [trial_run], "KILLED", f"{stop} during the trial")
+            raise
+        outcome.seconds = time.perf_counter() - started
+        if trial_run and outcome.state == "COMPLETE":
+            log_seed_means(self.tracking.uri, trial_run, outcome.per_seed)
+        outcome.runs = [*outcome.runs, trial_run]
+        outcome.run_id = trial_run or next(iter(outcome.runs), "")
+        end_runs(self.tracking.uri, outcome.runs, outcome.state, outcome.reason)
+        return outcome
+
+    def _seeds(
+        self, study: Any, trial: Any, overrides: list[str], seeds: list[int], trial_run: str
+    ) -> Outcome:
+        """Each seed's job in turn, below the trial's run (or the parent's, one seed)."""
+        from cnnstudy.run.context import RunRequest, requested
+
+        several = len(seeds) > 1
+        per_seed: list[dict[str, float]] = []
         run_ids: list[str] = []
-        trial_run = self.tracking.parent_run_id
-        if seeds > 1:
-            trial_run = self._trial_run(trial)
-        for k in range(seeds):
+        for k, seed in enumerate(seeds):
             request = RunRequest(
-                parent_run_id=trial_run,
-                run_name=run_name(trial, k if seeds > 1 else None),
+                parent_run_id=trial_run or self.tracking.parent_run_id,
+                run_name=run_name(trial, k if several else None),
                 tags={
                     "cnnstudy.study": study.study_name,
                     "cnnstudy.trial": str(trial.number),
-                    "cnnstudy.run_kind": "trial" if seeds == 1 else "seed",
+                    "cnnstudy.run_kind": "seed" if several else "trial",
                 },
                 callbacks=self._pruning(study, trial) if k == 0 else [],
             )
-            seed = [f"seed={seed0 + k}"] if seeds > 1 else []
+            job = [*overrides, f"seed={seed}"] if several else overrides
             with requested(request):
-                ret = self.launcher.launch([[*overrides, *seed]], initial_job_idx=self.job_idx)[0]
+                ret = self.launcher.launch([job], initial_job_idx=self.job_idx)[0]
             self.job_idx += 1
+            runs = [request.run_id]
             try:
-                metrics = ret.return_value
+                metrics = ret.return_value or {}
             except Stopped as stop:
-                return Outcome(stop.state, reason=str(stop), seconds=time.perf_counter() - started)
+                return Outcome(stop.state, reason=str(stop), runs=runs)
             except Interrupted:
                 raise
+            except Diverged as err:
+                return Outcome("FAIL", reason=str(err), runs=runs)
             except Exception as err:  # noqa: BLE001 -- the trial's failure, recorded
-                return Outcome("FAIL", reason=f"{type(err).__name__}: {err}")
-            values = []
+                return Outcome("FAIL", reason=f"{type(err).__name__}: {err}", runs=runs)
             for name in self.settings.objectives:
-                value = (metrics or {}).get(name)
+                value = metrics.get(name)
                 if value is None or not math.isfinite(value):
-                    return Outcome("FAIL", reason=f"objective {name} is {value}")
-                values.append(float(value))
-            per_seed.append(values)
-            kept.append({k: float(metrics[k]) for k in KEPT_METRICS if k in (metrics or {})})
+                    return Outcome("FAIL", reason=f"objective {name} is {value}", runs=runs)
+            per_seed.append({k: float(v) for k, v in metrics.items()})
             run_ids.append(request.run_id)
-        means = [statistics.fmean(v[i] for v in per_seed) for i in range(len(per_seed[0]))]
-        if seeds > 1:
-            trial.set_user_attr("seed_values", per_seed)
+        objectives = self.settings.objectives
+        values = [[m[name] for name in objectives] for m in per_seed]
+        means = [statistics.fmean(v[i] for v in values) for i in range(len(objectives))]
+        if several:
+            trial.set_user_attr("seed_values", values)
             trial.set_user_attr(
-                "seed_std", [statistics.stdev(v[i] for v in per_seed) for i in range(len(means))]
+                "seed_std", [statistics.stdev(v[i] for v in values) for i in range(len(means))]
             )
+        kept = [{k: m[k] for k in KEPT_METRICS if k in m} for m in per_seed]
         return Outcome(
             "COMPLETE",
             means,
-            run_id=trial_run if seeds > 1 else run_ids[0],
-            seconds=time.perf_counter() - started,
+            run_id=trial_run or run_ids[0],
             metrics={k: statistics.fmean(m[k] for m in kept) for k in kept[0]},
+            per_seed=per_seed,
+            runs=[] if several else run_ids,
         )
-
-    def _trial_run(self, trial: Any) -> str:
-        import mlflow
-
-        client = mlflow.MlflowClient(self.tracking.uri)
-        run = client.create_run(
-            self.tracking.experiment_id,
-            run_name=run_name(trial, None),
-            tags={
-                "mlflow.parentRunId": self.tracking.parent_run_id,
-                "cnnstudy.trial": str(trial.number),
-                "cnnstudy.run_kind": "trial",
-            },
-        )
-        return run.info.run_id
 
     def _pruning(self, study: Any, trial: Any) -> list[Any]:
-        import optuna
-
-        if isinstance(study.pruner, optuna.pruners.NopPruner):
-            return []
+        """The objective reported to the trial after every validation epoch (Optuna's
+        intermediate values, in optuna-dashboard too), and the pruner asked."""
         from cnnstudy.study.pruning import PruneOnValidation
 
+        if len(self.settings.objectives) > 1:
+            return []  # Optuna keeps intermediate values for one objective only
         return [PruneOnValidation(trial, self.settings.objectives[0])]
 
     def finish(self, study: Any, trial: Any, outcome: Outcome) -> bool:
@@ -221,9 +233,3 @@ class TrialRunner:
             trial.set_user_attr("reproduce", reproduce_command(self.fixed, trial))
         state = getattr(TrialState, "PRUNED" if outcome.state == "REJECTED" else outcome.state)
         return tell(study, trial, outcome.values if state == TrialState.COMPLETE else state)
-
-
-def run_name(trial: Any, seed: int | None) -> str:
-    varied = " ".join(f"{k}={spaces.override_value(v)}" for k, v in trial.params.items())
-    name = f"trial {trial.number}: {varied}".strip()
-    return (name if seed is None else f"{name} seed {seed}")[:250]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 WORKER_ENV = "CNNSTUDY_STUDY_WORKER"
+DRIVER_ENV = "CNNSTUDY_STUDY_DRIVER"  # the pid of the process that started the worker
 
 
 def cores() -> int:
@@ -26,7 +27,12 @@ def is_worker() -> bool:
 
 def start_workers(count: int, threads: int) -> list[subprocess.Popen]:
     """`count` processes of this command, each training with `threads` torch threads."""
-    env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        WORKER_ENV: "1",
+        DRIVER_ENV: str(os.getpid()),
+        "OMP_NUM_THREADS": str(threads),
+    }
     command = [sys.argv[0], *sys.argv[1:], f"trainer.num_threads={threads}"]
     return [subprocess.Popen(command, env=env) for _ in range(count)]
 
@@ -42,6 +48,46 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
             worker.kill()
 
 
-def wait_for_workers(workers: list[subprocess.Popen]) -> bool:
-    """Whether any worker failed."""
-    return any(worker.wait() != 0 for worker in workers)
+def reap(workers: list[subprocess.Popen]) -> None:
+    """Collect the exit status of workers that ended: until then a dead worker's pid
+    still names a (zombie) process, and its trial would wait for its heartbeat to go
+    stale."""
+    for worker in workers:
+        worker.poll()
+
+
+def wait_for_workers(workers: list[subprocess.Popen]) -> str:
+    """Wait for every worker; what went wrong with them ("" when nothing did)."""
+    failed = []
+    for worker in workers:
+        code = worker.wait()
+        if code < 0:
+            failed.append(f"worker {worker.pid} was killed by {signal.Signals(-code).name}")
+        elif code != 0:
+            failed.append(f"worker {worker.pid} exited with {code} (its output is above)")
+    return "; ".join(failed)
+
+
+def driver_pid() -> int:
+    return int(os.environ.get(DRIVER_ENV, "0") or 0)
+
+
+def driver_gone() -> bool:
+    return bool(driver_pid()) and os.getppid() != driver_pid()
+
+
+def follow_driver() -> None:
+    """In a worker: when the process that started it is gone (kill -9 included), stop as
+    on SIGTERM, at the next safe point (its trial FAIL, its run KILLED)."""
+    import threading
+    import time
+
+    if not driver_pid():
+        return
+
+    def watch() -> None:
+        while not driver_gone():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cnnstudy-driver-watch", daemon=True).start()

@@ -35,6 +35,7 @@ class CnnstudySweeperConf:
     enqueue: list[Any] = field(default_factory=list)  # trials run first ({key: value})
     seeds: int = 1  # seeds per sampled configuration; the objective is their mean
     max_failures: int = 5  # failed trials (not rejected architectures) before stopping
+    max_rejected: int = 50  # trials in a row rejected by the shape check before stopping
     retry_failed: int = 0  # times a trial whose process died is run again, same parameters
     n_jobs: int = 1  # trials at once: worker processes with cores / n_jobs threads each
     max_failure_rate: float | None = None  # hydra-optuna-sweeper's key: accepted, unused
