@@ -80,7 +80,7 @@ def test_multirun_sweeps_a_scalar_key_one_run_each(tmp_path):
     # every job alike: logging the first job's model imports pytorch_lightning, which used to
     # move Lightning's messages past cnnstudy's filter for the jobs after it
     printed = result.stdout + result.stderr
-    assert printed.count("`Trainer.fit` stopped") == 2
+    assert "`Trainer.fit` stopped" not in printed  # a study prints a line per trial
     for noise in ("GPU available", "TPU available", "litlogger", "estimate number of stepping"):
         assert noise not in printed, noise
     assert sorted(r.data.params["model.receptive_field"] for r in runs) == ["3", "7"]
@@ -233,7 +233,7 @@ def test_the_basic_sweeper_stays_available_and_goes_on_past_an_invalid_job(tmp_p
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "1 job(s) of the sweep had config errors" in result.stderr
+    assert "1 job(s) of the sweep failed" in result.stderr
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     assert run.data.params["model.receptive_field"] == "3"

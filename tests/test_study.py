@@ -100,6 +100,17 @@ def test_a_study_runs_n_trials_as_child_runs_of_one_parent_and_resumes(tmp_path)
     )
     assert "best: trial" in first.stdout and "reproduce: cnnstudy-train" in first.stdout
     assert first.stdout.count(" COMPLETE ") == 3
+    # the terminal: a header, a line per trial (k/N, value, best, time, ETA), the summary
+    printed = (first.stdout + first.stderr).splitlines()
+    assert len(printed) <= 1 + 3 + 5, "\n".join(printed)
+    assert [line.split()[2] for line in printed if line.startswith("trial ")] == [
+        "1/3",
+        "2/3",
+        "3/3",
+    ]
+    assert "ETA" in printed[1] and "val/acc 0." in printed[1]
+    for noise in ("Launching", "Trainer", "MLflow database tables", "categorical units"):
+        assert noise not in first.stdout + first.stderr, noise
     (results,) = tmp_path.glob("multirun/*/*/results.yaml")
     assert "best_mlflow_run_id" in results.read_text()
 
@@ -313,21 +324,18 @@ def test_each_setting_of_a_categorical_scientific_parameter_gets_its_turn(tmp_pa
 def test_a_trial_whose_heartbeat_stopped_on_another_machine_is_failed_and_retried(tmp_path):
     """A RUNNING trial from a host this one cannot see: its heartbeat, not its pid, says
     it is dead. Named sampler and pruner on the command line."""
-    import sqlite3
-
-    from cnnstudy.study.storage import make_storage
+    from cnnstudy.study.storage import HEARTBEAT, PROCESS, make_storage
 
     url = f"sqlite:///{tmp_path}/optuna.db"
-    lost = optuna.create_study(
-        study_name="hidden_units", storage=make_storage(url), direction="maximize"
-    )
+    storage = make_storage(url)
+    lost = optuna.create_study(study_name="hidden_units", storage=storage, direction="maximize")
     units = optuna.distributions.IntDistribution(8, 1024, log=True)
     trial = lost.ask({"model.hidden_units": units})
-    trial.set_user_attr("cnnstudy.host", "elsewhere")
-    trial.set_user_attr("cnnstudy.pid", "4242")
-    lost._storage.record_heartbeat(trial._trial_id)
-    with sqlite3.connect(tmp_path / "optuna.db") as db:  # its last beat, 10 minutes ago
-        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-10 minutes')")
+    number = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name("hidden_units"), trial.number
+    )
+    storage.set_trial_system_attr(number, PROCESS, {"host": "elsewhere", "pid": "4242"})
+    storage.set_trial_system_attr(number, HEARTBEAT, time.time() - 600)  # 10 minutes ago
 
     done = study(
         tmp_path,
@@ -561,7 +569,8 @@ def test_n_jobs_runs_trials_in_parallel_processes_with_a_share_of_the_cores(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     trials = trials_of(tmp_path, "hidden_units")
     assert len(trials) == 4 and len(finished(trials)) == 4
-    assert len({t.user_attrs["cnnstudy.pid"] for t in trials}) == 2  # two processes took trials
+    pids = {t.system_attrs["cnnstudy:process"]["pid"] for t in trials}
+    assert len(pids) == 2  # two processes took trials
     runs = runs_of(tmp_path)
     assert len([r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]) == 1
     children = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "trial"]
@@ -668,8 +677,14 @@ def test_a_space_of_impossible_networks_stops_after_max_rejected_and_the_objecti
 
 
 def test_an_interval_on_the_command_line_is_a_sampled_study_not_a_grid(tmp_path):
-    done = study(tmp_path, "model.hidden_units=int(interval(8, 64))", "hydra.sweeper.n_trials=2")
+    done = study(
+        tmp_path,
+        "model.hidden_units=int(interval(8, 64))",
+        "hydra.sweeper.n_trials=2",
+        "hydra.verbose=true",  # every library's lines, as Hydra's key means
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Launching 1 jobs locally" in done.stdout + done.stderr
     (parent,) = [r for r in runs_of(tmp_path) if r.data.tags["cnnstudy.run_kind"] == "study"]
     assert parent.data.params["study.sampler"] == "TPESampler"
     assert parent.data.params["study.n_trials"] == "2"
@@ -748,7 +763,7 @@ def test_no_worker_outlives_its_driver_killed_with_sigkill(tmp_path):
     else:
         assert not Path(f"/proc/{worker}").exists(), "the worker went on without its driver"
     trials = trials_of(tmp_path, "hidden_units")
-    mine = [t for t in trials if t.user_attrs.get("cnnstudy.pid") == str(worker)]
+    mine = [t for t in trials if t.system_attrs["cnnstudy:process"]["pid"] == str(worker)]
     assert mine and all(t.state != TrialState.RUNNING for t in mine)
     runs = runs_of(tmp_path)
     (parent,) = [r for r in runs if r.data.tags["cnnstudy.run_kind"] == "study"]

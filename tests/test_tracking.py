@@ -75,7 +75,7 @@ def test_no_secret_reaches_the_terminal_in_a_multirun(tmp_path, sweeper):
     assert result.returncode == 2
     seen = result.stdout + result.stderr
     if sweeper == "basic":
-        assert "#1 : " in seen and "2 job(s) of the sweep had config errors" in seen
+        assert "#1 : " in seen and "2 job(s) of the sweep failed" in seen
     else:
         assert "Traceback" not in seen and "psycopg2" in seen
     assert "s3cr3tpw" not in seen and "abc123secret" not in seen

@@ -49,9 +49,10 @@ class Diverged(Exception):  # noqa: N818 -- an outcome of training, not a bug
 
 
 def report(err: BaseException | str) -> None:
+    from cnnstudy.log import get
     from cnnstudy.redact import redact_text
 
-    print(f"cnnstudy: error: {redact_text(str(err))}", file=sys.stderr, flush=True)
+    get().error(f"cnnstudy: error: {redact_text(str(err))}")
 
 
 def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,7 +66,9 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
             report(err)
             sys.exit(EXIT_USER_ERROR)
         except Interrupted as stop:
-            print(f"cnnstudy: stopped by {stop}", file=sys.stderr, flush=True)
+            from cnnstudy.log import get
+
+            get().error(f"cnnstudy: stopped by {stop}")
             sys.exit(stop.exit_code)
 
     return wrapper

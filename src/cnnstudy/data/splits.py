@@ -136,7 +136,9 @@ def _decode_cached(data: Any) -> tuple[dict[str, Any], bool]:
         torch.save(stored, partial)
         os.replace(partial, path)  # atomic: parallel workers never read half a file
     except OSError as err:
-        print(f"cnnstudy: warning: cannot write the data cache {path}: {err}")
+        from cnnstudy.log import get
+
+        get("data").warning(f"cnnstudy: warning: cannot write the data cache {path}: {err}")
     return stored, False
 
 

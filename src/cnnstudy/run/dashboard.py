@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 
 from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError, console_script, user_errors_exit
+from cnnstudy.log import get as get_log
 from cnnstudy.run import store
 
 DEFAULT_ADDRESS = "http://127.0.0.1:5000"
@@ -76,12 +77,29 @@ def _port_free(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cnnstudy-ui", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="port (default: 5000; 8080 --optuna)"
+    )
     parser.add_argument("--print-only", action="store_true", help="print the link, start nothing")
+    parser.add_argument(
+        "--optuna",
+        action="store_true",
+        help="serve optuna-dashboard on the study storage (trial states, timeline, "
+        "intermediate values, importances) instead of the MLflow UI; default port 8080",
+    )
+    parser.add_argument(
+        "--storage",
+        default="sqlite:///optuna.db",
+        help="with --optuna: the Optuna storage (default: sqlite:///optuna.db)",
+    )
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. logger.experiment_name=x"
     )
     args = parser.parse_args(argv)
+    if args.optuna:
+        _optuna_dashboard(args)
+        return
+    args.port = args.port or 5000
 
     cfg = compose(args.overrides)
     uri = store.tracking_uri(cfg)
@@ -102,10 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             f"logger.experiment_name={cfg.logger.experiment_name}: no such experiment in {uri}; "
             "train a run first (make demo)"
         )
-    print(
+    get_log().info(
         f"MLflow runs of '{experiment.name}': "
-        f"http://{args.host}:{args.port}/#/experiments/{experiment.experiment_id}/runs",
-        flush=True,
+        f"http://{args.host}:{args.port}/#/experiments/{experiment.experiment_id}/runs"
     )
     if args.print_only:
         return
@@ -129,6 +146,29 @@ def main(argv: list[str] | None = None) -> None:
         str(args.port),
     ]
     os.execv(sys.executable, command)
+
+
+def _optuna_dashboard(args: argparse.Namespace) -> None:
+    """optuna-dashboard on the study storage, on 127.0.0.1 unless --host says otherwise."""
+    args.port = args.port or 8080
+    path = store.sqlite_path(args.storage)
+    if args.storage.startswith("sqlite:") and (path is None or not path.is_file()):
+        raise ConfigError(
+            f"--storage {args.storage}: no such file ({path}); run a study first (make demo), "
+            "or give the storage your studies are in"
+        )
+    if not args.print_only:
+        _port_free(args.host, args.port)
+    print(
+        f"optuna-dashboard of {args.storage}: http://{args.host}:{args.port}/dashboard", flush=True
+    )
+    if args.print_only:
+        return
+    from optuna_dashboard import run_server
+
+    from cnnstudy.study.storage import make_storage
+
+    run_server(make_storage(args.storage), host=args.host, port=args.port)
 
 
 cli = console_script(main)

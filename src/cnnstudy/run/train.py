@@ -43,6 +43,7 @@ from cnnstudy.errors import (
     console_script,
     report,
 )
+from cnnstudy.log import get as get_log
 from cnnstudy.network.memory import fits_message, host_available
 from cnnstudy.network.plan import totals
 from cnnstudy.redact import RedactingFilter, override_secret
@@ -547,7 +548,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float] | None:
         _failed_jobs.append(" ".join(override_secret(o) for o in overrides))  # the sweep goes on
         return None
     if context.current() is None:  # a study prints one line per trial instead
-        print(summary(result))
+        get_log().info(summary(result))
     return result.metrics
 
 
@@ -561,16 +562,20 @@ def main() -> None:
 
     for name in ("hydra", "hydra._internal.core_plugins.basic_launcher"):
         logging.getLogger(name).addFilter(RedactingFilter())  # Hydra prints jobs' overrides
+    shows = {"--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p"}
+    if {"-m", "--multirun"} & set(sys.argv) and shows & {a.split("=")[0] for a in sys.argv}:
+        # Hydra refuses -m with --cfg/--info (a traceback): the config of the study's jobs
+        sys.argv = [a for a in sys.argv if a not in ("-m", "--multirun")]
+        get_log().warning("cnnstudy: -m dropped: Hydra shows the config of a job, not a sweep")
     try:
         _hydra_main()
     except Interrupted as stop:
-        print(f"cnnstudy: stopped by {stop}; the run is marked KILLED", file=sys.stderr)
+        get_log().error(f"cnnstudy: stopped by {stop}; the run is marked KILLED")
         sys.exit(stop.exit_code)
     if _failed_jobs:
-        print(
-            f"cnnstudy: error: {len(_failed_jobs)} job(s) of the sweep had config errors "
-            f"(above): {'; '.join(_failed_jobs)}",
-            file=sys.stderr,
+        get_log().error(
+            f"cnnstudy: error: {len(_failed_jobs)} job(s) of the sweep failed (above): "
+            f"{'; '.join(_failed_jobs)}"
         )
         sys.exit(EXIT_USER_ERROR)
 

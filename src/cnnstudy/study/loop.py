@@ -20,7 +20,7 @@ import collections
 import datetime
 import hashlib
 import os
-import sys
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cnnstudy.errors import ConfigError, Interrupted
+from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.run.lifecycle import raise_if_signalled, signals_interrupt
 from cnnstudy.run.store import store_lock
@@ -40,8 +41,10 @@ from cnnstudy.study.parent import close_parent_run, open_parent_run
 from cnnstudy.study.runs import end_trial_runs
 from cnnstudy.study.settings import Settings, check, check_storage
 from cnnstudy.study.storage import Heartbeat, mark_dead_trials, open_study
-from cnnstudy.study.summary import finished_count, summarise, trial_line
+from cnnstudy.study.summary import duration, finished_count, summarise, trial_line
 from cnnstudy.study.trial import Outcome, Tracking, TrialRunner
+
+log = get_log("study")
 
 
 class StudyRunner:
@@ -217,11 +220,10 @@ class StudyRunner:
             self.workers = workers.start_workers(s.n_jobs - 1, threads)
         if workers.is_worker():
             workers.follow_driver()  # no worker outlives the command that started it
-        print(
+        log.info(
             f"study {study.study_name} in {redact_text(self.url)}: "
             f"{finished_count(study)} of {self.target} trials finished; MLflow parent run "
-            f"{tracking.parent_run_id}",
-            flush=True,
+            f"{tracking.parent_run_id}"
         )
         try:
             with signals_interrupt():
@@ -234,7 +236,7 @@ class StudyRunner:
             return []  # the process that started the workers reports the study
         self._mark_dead_trials()  # a worker's trial, when it died mid-trial
         if died:
-            print(f"cnnstudy: {died}; its trial was marked FAIL", file=sys.stderr, flush=True)
+            log.warning(f"cnnstudy: {died}; its trial was marked FAIL")
             if finished_count(study) < self.target:
                 raise ConfigError(f"{died}; run the same command to resume the study")
         from cnnstudy.run.lifecycle import mark_orphans
@@ -252,6 +254,18 @@ class StudyRunner:
             grid=self.grid,
             storage_url=self.url,
         )
+
+    def _progress(self) -> str:
+        """`k/N` finished trials of the study, and the time left at this process's pace
+        (its trials' mean time, shared among n_jobs processes)."""
+        done = finished_count(self.study)
+        text = f"{done}/{self.target}"
+        seconds = [t["trial_s"] for t in self.timings]
+        left = max(0, self.target - done)
+        if left and seconds:
+            eta = statistics.fmean(seconds) * left / max(1, self.settings.n_jobs)
+            text += f"  ETA {duration(eta)}"
+        return text
 
     def _mark_dead_trials(self) -> None:
         """Trials of processes that died are FAIL, their MLflow runs FAILED."""
@@ -294,8 +308,6 @@ class StudyRunner:
             self._mark_dead_trials()
 
     def _loop(self, space: dict[str, Any], client: Any) -> None:
-        from cnnstudy.run.lifecycle import process_tags
-
         s, study = self.settings, self.study
         while True:
             raise_if_signalled()  # between trials
@@ -319,8 +331,6 @@ class StudyRunner:
             if trial is None:
                 return
             ask_s = time.perf_counter() - asked
-            for key, value in process_tags().items():
-                trial.set_user_attr(key, value)
             with Heartbeat(study, trial):
                 try:
                     outcome = self.trials.run(study, trial)
@@ -341,7 +351,7 @@ class StudyRunner:
             if outcome.state == "FAIL":
                 self.failures += 1
             self.rejected = self.rejected + [outcome.reason] if outcome.state == "REJECTED" else []
-            trial_line(study, trial, outcome, client, self.tracking)
+            trial_line(study, trial, outcome, client, self.tracking, self._progress())
 
 
 def _why(err: BaseException) -> str:

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from cnnstudy.errors import ConfigError, console_script, report, user_errors_exit
+from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.study.parent import describe_parent_run, landing_note
 from cnnstudy.study.settings import DEFAULT_STORAGE
+
+log = get_log("study")
 
 
 def _matplotlib() -> Any:
@@ -350,9 +353,9 @@ def _write(args: argparse.Namespace) -> None:
         except ConfigError as err:
             report(f"not logged to MLflow: {err}")
     page = write_report(study, out, storage=args.storage, tracking_uri=uri)
-    print(f"report: {page}")
+    log.info(f"report: {page}")
     if uri:
-        print(f"logged to the study's MLflow parent run under report/ ({redact_text(uri)})")
+        log.info(f"logged to the study's MLflow parent run under report/ ({redact_text(uri)})")
 
 
 cli = console_script(main)

@@ -1,10 +1,15 @@
 """Where a study lives: the Optuna storage, its lock, heartbeats and dead trials.
 
-- `make_storage`: a database URL (RDBStorage, with heartbeats) or a journal file.
+- `make_storage`: a database URL (RDBStorage) or a journal file.
 - `open_study`: create or load the study under the storage's lock, refusing a changed
   search space, objective or direction.
-- `Heartbeat`: Optuna records heartbeats only inside `study.optimize`; an ask/tell loop
-  records its own, from a thread, while a trial runs.
+- Each trial's process (host, pid, start time, boot id) and heartbeat are system
+  attributes of the trial (`cnnstudy:process`, `cnnstudy:heartbeat`), written through the
+  storage's public methods: bookkeeping that optuna-dashboard does not show among the
+  trial's user attributes. The heartbeat is cnnstudy's own, on every storage (journal
+  files included), because Optuna's runs only inside `study.optimize`, and because
+  `optuna.storages.fail_stale_trials` marks a trial FAIL before its callback runs, when
+  the trial can no longer take the reason.
 - `mark_dead_trials`: RUNNING trials whose process is gone (this machine) or whose
   heartbeat stopped (any machine) become FAIL, with the reason, and run again where
   `retry_failed` allows.
@@ -13,20 +18,25 @@
 from __future__ import annotations
 
 import threading
-import warnings
+import time
 from collections.abc import Callable
 from typing import Any
 
 from cnnstudy.errors import ConfigError
+from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.run.store import store_lock
 
+log = get_log("study")
+
 HEARTBEAT_S = 20
 GRACE_S = 3 * HEARTBEAT_S
+PROCESS = "cnnstudy:process"  # system attribute: the process that runs the trial
+HEARTBEAT = "cnnstudy:heartbeat"  # system attribute: its last beat (Unix time)
 
 
 def make_storage(url: str) -> Any:
-    """An Optuna storage: a database URL (with heartbeats), or a journal file."""
+    """An Optuna storage: a database URL, or a journal file."""
     import optuna
 
     if url.startswith("journal://") or (
@@ -36,9 +46,37 @@ def make_storage(url: str) -> Any:
 
         path = url.removeprefix("journal://")
         return optuna.storages.JournalStorage(JournalFileBackend(path))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*heartbeat_interval.*")  # experimental
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    return optuna.storages.RDBStorage(url)
+
+
+def trial_id(study: Any, number: int) -> int:
+    """The storage's id of trial `number` of the study (public storage methods)."""
+    storage = study_storage(study)
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), number
+    )
+
+
+_storages: dict[int, Any] = {}  # id(study) -> the storage it was created with
+
+
+def study_storage(study: Any) -> Any:
+    return _storages[id(study)]
+
+
+def claim(study: Any, trial: Any) -> None:
+    """Record, on the trial, the process that runs it and its first heartbeat."""
+    from cnnstudy.run.lifecycle import process_tags
+
+    storage, tid = study_storage(study), trial_id(study, trial.number)
+    process = {k.removeprefix("cnnstudy."): v for k, v in process_tags().items()}
+    storage.set_trial_system_attr(tid, PROCESS, process)
+    storage.set_trial_system_attr(tid, HEARTBEAT, time.time())
+
+
+def process_of(trial: Any) -> dict[str, str]:
+    """The process that ran a trial, as run tags name it (`cnnstudy.pid`, ...)."""
+    return {f"cnnstudy.{k}": str(v) for k, v in trial.system_attrs.get(PROCESS, {}).items()}
 
 
 def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]) -> Any:
@@ -46,16 +84,17 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
     processes creating one SQLite study at the same moment). `attrs` are the study's
     user attributes (without the `cnnstudy.` prefix): the search space and objective are
     written once and must match after; the rest (question, seeds, ...) are updated."""
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with store_lock(url):
+        storage = make_storage(url)
         study = optuna.create_study(
-            study_name=name,
-            storage=make_storage(url),
-            directions=directions,
-            load_if_exists=True,
+            study_name=name, storage=storage, directions=directions, load_if_exists=True
         )
+        _storages[id(study)] = storage
         stored = study.user_attrs.get("cnnstudy.search_space")
         objective = study.user_attrs.get("cnnstudy.objective")
         if objective is not None and list(objective) != list(attrs["objective"]):
@@ -67,6 +106,10 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
         if stored is None:
             study.set_user_attr("cnnstudy.search_space", attrs["search_space"])
             study.set_user_attr("cnnstudy.objective", attrs["objective"])
+        if study.metric_names is None:  # optuna-dashboard names its axes after them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental in Optuna 5
+                study.set_metric_names(list(attrs["objective"]))
         elif stored != attrs["search_space"]:
             raise ConfigError(
                 f"hydra.sweeper.study_name={name}: the study in {redact_text(url)} was "
@@ -90,17 +133,6 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
     return study, joined
 
 
-def beating(study: Any) -> Any:
-    """The study's storage where it keeps heartbeats (a database; Optuna wraps it in a
-    cache), or None (a journal file keeps none)."""
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    storage = study._storage
-    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
-        return storage
-    return None
-
-
 def mark_dead_trials(
     study: Any, retry_failed: int, ended: Callable[[Any, str], None] | None = None
 ) -> None:
@@ -113,27 +145,27 @@ def mark_dead_trials(
 
     from cnnstudy.run.lifecycle import gone
 
-    storage = study._storage
-    stale: set[int] = set()
-    if beating(study) is not None:
-        # what optuna.storages.fail_stale_trials does, keeping the reason on the trial
-        stale = set(storage._get_stale_trial_ids(study._study_id))
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        why = gone(trial.user_attrs)
-        if not why and trial._trial_id in stale:
-            host = trial.user_attrs.get("cnnstudy.host", "?")
+    storage = study_storage(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    now = time.time()
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        process = process_of(trial)
+        why = gone(process)
+        beat = trial.system_attrs.get(HEARTBEAT)
+        if not why and beat is not None and now - float(beat) > GRACE_S:
             why = (
                 f"no heartbeat for over {GRACE_S} s from process "
-                f"{trial.user_attrs.get('cnnstudy.pid', '?')} on {host}"
+                f"{process.get('cnnstudy.pid', '?')} on {process.get('cnnstudy.host', '?')}"
             )
         if not why:
             continue
+        tid = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", why)
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            storage.set_trial_user_attr(tid, "fail_reason", why)
+            storage.set_trial_state_values(tid, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process marked it first
-        print(f"trial {trial.number}: marked FAIL ({why})", flush=True)
+        log.warning(f"trial {trial.number}: marked FAIL ({why})")
         if ended is not None:
             ended(trial, why)
         retries = int(trial.user_attrs.get("retries", 0))
@@ -145,8 +177,7 @@ def mark_dead_trials(
 
 
 class Heartbeat:
-    """Records the trial's heartbeat in the storage while it runs: Optuna's own heartbeat
-    runs only inside study.optimize, not with ask/tell."""
+    """Records the trial's heartbeat every HEARTBEAT_S seconds while it runs."""
 
     def __init__(self, study: Any, trial: Any) -> None:
         self.study, self.trial = study, trial
@@ -154,19 +185,18 @@ class Heartbeat:
         self.thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
-        storage = beating(self.study)
-        if storage is not None:
-            storage.record_heartbeat(self.trial._trial_id)
+        claim(self.study, self.trial)
+        storage, tid = study_storage(self.study), trial_id(self.study, self.trial.number)
 
-            def beat() -> None:
-                while not self.stop.wait(HEARTBEAT_S):
-                    try:
-                        storage.record_heartbeat(self.trial._trial_id)
-                    except Exception:  # noqa: BLE001 -- a missed beat is retried next time
-                        pass
+        def beat() -> None:
+            while not self.stop.wait(HEARTBEAT_S):
+                try:
+                    storage.set_trial_system_attr(tid, HEARTBEAT, time.time())
+                except Exception:  # noqa: BLE001 -- a missed beat is retried next time
+                    pass
 
-            self.thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
-            self.thread.start()
+        self.thread = threading.Thread(target=beat, name="cnnstudy-heartbeat", daemon=True)
+        self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:

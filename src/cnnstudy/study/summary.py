@@ -4,14 +4,16 @@ front), `results.yaml` in the sweep folder, the dashboard link and the report.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from cnnstudy.errors import ConfigError
+from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.study.parent import describe_parent_run, landing_note
 from cnnstudy.study.trial import REJECTED, Outcome, Tracking, reproduce_command
+
+log = get_log("study")
 
 
 def finished_count(study: Any) -> int:
@@ -44,12 +46,19 @@ def pareto_front(study: Any) -> list[Any]:
     return sorted(study.best_trials, key=lambda t: t.number)
 
 
-def trial_line(study: Any, trial: Any, outcome: Outcome, client: Any, tracking: Tracking) -> None:
-    """The trial's line on the terminal; the best so far on the parent run."""
+def trial_line(
+    study: Any, trial: Any, outcome: Outcome, client: Any, tracking: Tracking, progress: str
+) -> None:
+    """The trial's line on the terminal (`progress`: finished of n_trials, and the ETA);
+    the best so far on the parent run. The reason is whole, never cut."""
     best = best_trial(study)
     parent = tracking.parent_run_id
-    value = "" if not outcome.values else " ".join(f"{v:.4f}" for v in outcome.values)
-    line = f"trial {trial.number:>3} {outcome.state:<8} {value:>8}"
+    names = study.user_attrs.get("cnnstudy.objective") or []
+    value = " ".join(f"{v:.4f}" for v in outcome.values or [])
+    if value and len(names) == 1:
+        value = f"{names[0]} {value}"
+    done, _, eta = progress.partition("  ")
+    line = f"trial {trial.number:>3}  {done:>5}  {outcome.state:<8} {value}".rstrip()
     if best is not None:
         line += f"  best {best.value:.4f} (trial {best.number})"
         client.log_metric(parent, "best/value", best.value, step=trial.number)
@@ -60,10 +69,20 @@ def trial_line(study: Any, trial: Any, outcome: Outcome, client: Any, tracking: 
         numbers = ",".join(str(t.number) for t in front)
         line += f"  Pareto front: trials {numbers}"
         client.set_tag(parent, "pareto.trials", numbers[:5000])
-    line += f"  {outcome.seconds:.1f} s"
+    line += f"  {outcome.seconds:.1f} s" + (f"  {eta}" if eta else "")
     if outcome.reason:
-        line += f"  ({outcome.reason[:200]})"
-    print(redact_text(line), flush=True)
+        line += f"  ({outcome.reason})"
+    log.info(line)
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _reproduction(trial: Any, fixed: list[str]) -> dict[str, Any]:
@@ -112,18 +131,17 @@ def summarise(
                 "reproduce": found["reproduce"],
             }
         )
-        print(
+        log.info(
             f"best: trial {best.number}, {settings.objectives[0]} {best.value:.4f}, "
-            f"MLflow run {results['best_mlflow_run_id']}\nreproduce: {results['reproduce']}",
-            flush=True,
+            f"MLflow run {results['best_mlflow_run_id']}\nreproduce: {results['reproduce']}"
         )
     front = pareto_front(study)
     if front:
         results["pareto_front"] = [_reproduction(t, fixed) for t in front]
-        print(f"Pareto front ({', '.join(settings.objectives)}):", flush=True)
+        log.info(f"Pareto front ({', '.join(settings.objectives)}):")
         for entry in results["pareto_front"]:
             values = " ".join(f"{v:.4f}" for v in entry["values"])
-            print(f"  trial {entry['trial']}: {values}  {entry['reproduce']}", flush=True)
+            log.info(f"  trial {entry['trial']}: {values}  {entry['reproduce']}")
     unfinished = grid.unfinished(study) if grid is not None else []
     if unfinished:
         results["unfinished"] = unfinished
@@ -131,7 +149,7 @@ def summarise(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False))
     link = trials_link(study, settings, tracking)
-    print(f"results: {sweep_dir / 'results.yaml'}\nthe study's trials: {link}", flush=True)
+    log.info(f"results: {sweep_dir / 'results.yaml'}\nthe study's trials: {link}")
     if not settings.report:  # else the report writes it, with the answer
         note = landing_note(study, best, answer="", report=False)
         describe_parent_run(tracking.uri, tracking.parent_run_id, note)
@@ -154,9 +172,9 @@ def write_study_report(study: Any, folder: Path, storage_url: str, tracking_uri:
     try:
         page = write_report(study, folder, storage=storage_url, tracking_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 -- the trials are stored; say what failed
-        print(f"cnnstudy: the report failed: {type(err).__name__}: {err}", file=sys.stderr)
+        log.error(f"cnnstudy: the report failed: {type(err).__name__}: {err}")
         return
-    print(f"report: {page}", flush=True)
+    log.info(f"report: {page}")
 
 
 def trials_link(study: Any, settings: Any, tracking: Tracking) -> str:

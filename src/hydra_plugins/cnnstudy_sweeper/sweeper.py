@@ -108,5 +108,9 @@ class CnnstudySweeper(Sweeper):
         raw.pop("search_space", None)
         raw["params"] = raw.get("params") or {}
         settings = Settings(**raw)
+        if not self.config.hydra.verbose:  # one line per trial; hydra.verbose=true: all
+            from cnnstudy.log import quiet_libraries
+
+            quiet_libraries()
         runner = StudyRunner(settings, self.config, self.launcher, self.hydra_context.config_loader)
         return runner.run(list(arguments))
