@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/sweeper.py
 	$(BIN)/python benchmarks/pictures.py
 	$(BIN)/python benchmarks/questions.py
+	$(BIN)/python benchmarks/calibration.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

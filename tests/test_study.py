@@ -86,6 +86,17 @@ def test_a_study_runs_n_trials_as_child_runs_of_one_parent_and_resumes(tmp_path)
         lr = run.info.run_name.rsplit("lr=", 1)[1]  # 4 significant digits; exact in params
         assert len(lr.replace("0.", "").lstrip("0")) <= 4, run.info.run_name
         assert float(run.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
+    # pictures (off in sweeps, for speed) for each trial that was the best so far
+    running, expected = None, set()
+    for trial in sorted(trials, key=lambda t: t.number):
+        if running is None or trial.value > running:
+            running = trial.value
+            expected.add(trial.number)
+    pictured = {t for t, run in by_trial.items() if run.data.tags.get("cnnstudy.pictures")}
+    assert pictured == expected and 0 in pictured
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    shown = {f.path for f in client.list_artifacts(by_trial[0].info.run_id, "pictures")}
+    assert "pictures/filters_conv1.png" in shown
     assert parent.info.status == "FINISHED"
     assert parent.data.params["study.sampler"] == "TPESampler"
     best = max(trials, key=lambda t: t.value)

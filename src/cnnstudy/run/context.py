@@ -6,7 +6,7 @@ reads it. Nothing here imports torch."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,8 @@ class RunRequest:
     tags: dict[str, str] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)  # Lightning callbacks, e.g. pruning
     raise_config_errors: bool = True  # a study records them on the trial; a multirun prints
+    # pictures for this run after all, when its metrics say so (a study: its best so far)
+    pictures_if: Callable[[dict[str, float]], bool] | None = None
     run_id: str = ""  # filled in by train(): the run it started
 
 

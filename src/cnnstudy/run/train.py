@@ -438,7 +438,10 @@ def train(
                 metrics.update(
                     {"model/params": counts["params"], "model/connections": counts["connections"]}
                 )
-                if cfg.logger.log_images:
+                wanted = request.pictures_if is not None and request.pictures_if(metrics)
+                if wanted:
+                    mlflow.set_tag("cnnstudy.pictures", "the study's best so far")
+                if cfg.logger.log_images or wanted:
                     from cnnstudy.run.pictures import log_pictures
 
                     drawn = log_pictures(network, datamodule.test_dataloader(), splits.classes)

@@ -2,9 +2,10 @@
 
 The standard (README: Reports): the scientific parameter is the one the question is about;
 nuisance parameters are tuned for each of its settings (the isolation: the best trial at
-each setting); design choices are compared by the error distribution of every trial
-(EDF) rather than by one best trial; differences within seed noise (or within the
-bootstrap interval, when each configuration has one seed) are not findings.
+each setting); settings are compared by one calibrated test (cnnstudy.study.verdict: a
+permutation test of the best values, its interval by inverting it, its error rates
+measured on simulated studies); the error distribution of every trial (EDF) shows the
+design spaces beside it; a difference the test does not find is not a finding.
 
 Only optuna, numpy and the standard library here: no torch, no MLflow.
 """
@@ -16,9 +17,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnnstudy.study import verdict
+
 REJECTED = "rejected"
-MIN_TRIALS = 6  # complete trials in all, to answer anything
-MIN_PER_SETTING = 2  # complete trials at each setting of the scientific parameter
+MIN_PER_SETTING = 2  # complete trials at each setting: fewer cannot be tested at all
 MAX_BINS = 5  # settings of a numeric scientific parameter with many distinct values
 UNTUNED_GAP = 0.25  # a nuisance value this far (fraction of its range) from the best's
 BOOTSTRAP = 1000
@@ -35,7 +37,7 @@ class Setting:
     best: Any  # the best trial here (nuisance parameters tuned)
     best_value: float = 0.0
     spread: float | None = None  # the best trial's seed standard deviation (seeds > 1)
-    interval: tuple[float, float] = (0.0, 0.0)  # bootstrap 95% interval of the best value
+    difference: Any = None  # verdict.Difference against the best setting (None: the best)
     edf_x: list[float] = field(default_factory=list)
     edf: list[float] = field(default_factory=list)
     edf_band: tuple[list[float], list[float]] = ((), ())  # type: ignore[assignment]
@@ -59,6 +61,10 @@ class Analysis:
     edges: list[str]  # warnings: the best value sits on the edge of the search space
     counts: dict[str, int]
     untuned: dict[str, str] = field(default_factory=dict)  # setting -> why it is confounded
+    p_all: float | None = None  # the test of all settings at once
+    rates: tuple[float, float] | None = None  # (false findings, power) at this budget
+    needed: int | None = None  # trials per setting that reach verdict.POWER, when short
+    baseline: Any = None  # the first trial, when enqueued: the config's own values
 
     @property
     def best(self) -> Any:
@@ -118,7 +124,9 @@ def _distribution(study: Any, key: str) -> Any:
     return None
 
 
-def _settings(study: Any, trials: list[Any], key: str, maximize: bool) -> list[Setting]:
+def _settings(
+    study: Any, trials: list[Any], key: str, maximize: bool, seeds: int = 1
+) -> list[Setting]:
     from optuna.distributions import CategoricalDistribution
 
     dist = _distribution(study, key)
@@ -137,7 +145,7 @@ def _settings(study: Any, trials: list[Any], key: str, maximize: bool) -> list[S
         # equal-count bins of consecutive values: each holds about the same number of
         # trials (at least MIN_PER_SETTING where the study has enough), never split a value
         ordered = sorted(present, key=lambda t: t.params[key])
-        count = max(1, min(MAX_BINS, len(ordered) // MIN_PER_SETTING))
+        count = _bins(len(ordered), seeds)
         size = len(ordered) / count
         chunks: list[list[Any]] = []
         for i, trial in enumerate(ordered):
@@ -147,7 +155,8 @@ def _settings(study: Any, trials: list[Any], key: str, maximize: bool) -> list[S
             chunks[-1].append(trial)
         for members in chunks:
             values = [float(t.params[key]) for t in members]
-            label = f"{_label(min(values))}-{_label(max(values))}"
+            given = [t.params[key] for t in members]  # ints stay ints in the label
+            label = f"{_label(min(given))}-{_label(max(given))}"
             if min(values) == max(values):
                 label = _label(members[0].params[key])
             groups.append((label, min(values), max(values), members))
@@ -172,8 +181,7 @@ def _settings(study: Any, trials: list[Any], key: str, maximize: bool) -> list[S
 
 
 def _bootstrap(settings: list[Setting], error: Any, maximize: bool, seed: int = 0) -> None:
-    """Each setting's bootstrap 95% interval of its best value, and its error EDF with a
-    95% band (resampling its trials, BOOTSTRAP times)."""
+    """Each setting's error EDF with a 95% band (resampling its trials, BOOTSTRAP times)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -184,8 +192,6 @@ def _bootstrap(settings: list[Setting], error: Any, maximize: bool, seed: int = 
     for s in settings:
         values = np.asarray(s.values, dtype=float)
         samples = rng.choice(values, size=(BOOTSTRAP, len(values)), replace=True)
-        bests = samples.max(axis=1) if maximize else samples.min(axis=1)
-        s.interval = (float(np.percentile(bests, 2.5)), float(np.percentile(bests, 97.5)))
         errors = np.vectorize(error)(samples) if len(values) else samples
         curves = (errors[:, :, None] <= xs[None, None, :]).mean(axis=1)
         s.edf_x = xs.tolist()
@@ -196,6 +202,17 @@ def _bootstrap(settings: list[Setting], error: Any, maximize: bool, seed: int = 
         )
 
 
+def _bins(trials: int, seeds: int) -> int:
+    """How many equal-count bins a numeric scientific parameter's trials make: the most
+    (up to MAX_BINS) whose trials per bin let the test find a real difference
+    verdict.POWER of the time (verdict.rates); else 2 (the study is then too small, and
+    says what it needs)."""
+    for count in range(min(MAX_BINS, trials // MIN_PER_SETTING), 2, -1):
+        if verdict.rates(count, trials // count, seeds)[1] >= verdict.POWER:
+            return count
+    return max(1, min(2, trials // MIN_PER_SETTING))
+
+
 def seed_noise(trials: list[Any]) -> float | None:
     """The study's seed-to-seed noise: the median over trials of the standard deviation
     of the first objective across a configuration's seeds (None with one seed)."""
@@ -203,69 +220,75 @@ def seed_noise(trials: list[Any]) -> float | None:
     return statistics.median(spreads) if spreads else None
 
 
-def _noise(an: Analysis, a: Setting, b: Setting) -> tuple[float, str]:
-    """How far apart the best values of two settings may be by chance, and what says so:
-    the larger of twice the standard deviation of a difference of two means of `seeds`
-    runs each (the study's seed noise) and the two bootstrap intervals' half-widths
-    combined (which setting's trials happened to be sampled)."""
-    half = lambda s: (s.interval[1] - s.interval[0]) / 2  # noqa: E731
-    sampled = math.hypot(half(a), half(b))
-    if an.noise is None:
-        return sampled, "the bootstrap interval"
-    return max(2.0 * an.noise * math.sqrt(2.0 / an.seeds), sampled), "noise"
+def _split(an: Analysis) -> tuple[Setting, list[Setting], list[Setting]]:
+    """The top setting, those the test does not find worse (itself included), and the
+    settings it finds worse."""
+    top = next(s for s in an.settings if s.difference is None)
+    far = [s for s in an.settings if s.difference is not None and s.difference.worse]
+    return top, [s for s in an.settings if s not in far], far
 
 
 def _answer(an: Analysis) -> str:
-    """One or two sentences drawn from the data."""
-    obj = an.objective
-    settings = an.settings
-    key = an.scientific
-
-    def said(s: Setting) -> str:
-        return f"{_fmt(s.best_value, obj)}{_spread_fmt(s.spread, obj)} at {key}={s.label}"
-
-    def labels(group: list[Setting]) -> str:
-        return ", ".join(s.label for s in group)
-
+    """One or two sentences that say what the test says, and no more."""
+    obj, key = an.objective, an.scientific
     top, close, far = _split(an)
-    _, by = _noise(an, top, top)
-    if an.noise is not None:
-        unit = " points" if obj.endswith("acc") else ""
-        spread = _spread_fmt(an.noise, obj).removeprefix(" ± ")
-        by += f" (seed s.d. {spread}{unit}, median over trials; bootstrap intervals of each best)"
-    numeric = all(s.low is not None for s in settings)
-    if numeric and len(settings) > 1:
-        smallest = min(close, key=lambda s: s.low)
-        if smallest is not top:
-            text = (
-                f"{obj} stops improving beyond about {key}={smallest.label}: {said(smallest)} "
-                f"vs {said(top)}, within {by}."
+    n = sum(len(s.values) for s in an.settings)
+
+    def value(s: Setting) -> str:
+        return f"{_fmt(s.best_value, obj)} at {s.label}"
+
+    def worse(s: Setting) -> str:
+        d = s.difference
+        lo, hi = (_fmt_diff(v, obj) for v in d.interval)
+        by = _fmt_diff(d.difference, obj)
+        return f"{s.label} by {by} (95% interval {lo} to {hi}, p={d.p:.3f})"
+
+    if not far:
+        text = (
+            f"No detectable difference between the settings of {key} with {n} trials: best "
+            f"{'; '.join(value(s) for s in an.settings)} (all settings tested at once: "
+            f"p={an.p_all:.2f})."
+        )
+    else:
+        text = f"{key}={top.label} is best: {_fmt(top.best_value, obj)}. Worse: "
+        text += "; ".join(worse(s) for s in far) + "."
+        same = [s for s in close if s is not top]
+        if same:
+            text += (
+                " No detectable difference from it: "
+                + ", ".join(f"{s.label} (p={s.difference.p:.2f})" for s in same)
+                + "."
             )
-        else:
-            value = f"{_fmt(top.best_value, obj)}{_spread_fmt(top.spread, obj)}"
-            text = f"{obj} is best at {key}={top.label}: {value}."
-            larger = [s for s in close if s is not top]
-            if larger:
-                text += f" Larger settings ({labels(larger)}) are within {by} of it."
-        if far:
-            text += f" {labels(far)}: worse by more than that."
-        return text + _caveat(an)
-    text = f"{key}={top.label} is best: {_fmt(top.best_value, obj)}{_spread_fmt(top.spread, obj)}."
-    tied = [s for s in close if s is not top]
-    if tied:
-        text += f" {labels(tied)} {'is' if len(tied) == 1 else 'are'} within {by} of it."
-    if far:
-        margin = "that" if tied else by
-        text += f" {labels(far)} {'is' if len(far) == 1 else 'are'} worse by more than {margin}."
+    if an.baseline is not None and key in an.baseline.params:
+        base = an.baseline
+        text += (
+            f" Baseline (trial {base.number}, the config's own {key}="
+            f"{_label(base.params[key])}): {_fmt(base.values[0], obj)}."
+        )
+    edge = _edge_of(an)
+    if edge:
+        text += f" The best is {edge}: the best value may lie beyond it; not a conclusion there."
     return text + _caveat(an)
 
 
-def _split(an: Analysis) -> tuple[Setting, list[Setting], list[Setting]]:
-    """The top setting, those within noise of it (itself included), and the rest."""
-    pick = max if an.maximize else min
-    top = pick(an.settings, key=lambda s: s.best_value)
-    close = [s for s in an.settings if abs(s.best_value - top.best_value) <= _noise(an, s, top)[0]]
-    return top, close, [s for s in an.settings if s not in close]
+def _fmt_diff(value: float, objective: str) -> str:
+    if objective.endswith("acc"):
+        return f"{100 * value:.1f} points"
+    return f"{value:.3g}"
+
+
+def _edge_of(an: Analysis) -> str:
+    """Where the best trial's scientific value sits on the edge of the range searched
+    (README: the edge warning), or ""."""
+    best = an.best
+    if best is None or an.scientific not in best.params:
+        return ""
+    marker = f"'s {an.scientific}="
+    if not any(marker in w for w in _edges(an.study, best)):
+        return ""
+    return (
+        f"at the edge of the range searched ({an.scientific}={_label(best.params[an.scientific])})"
+    )
 
 
 def _caveat(an: Analysis) -> str:
@@ -410,7 +433,7 @@ def analyse(study: Any) -> Analysis:
         "rejected": sum(REJECTED in t.user_attrs for t in every),
         "failed": sum(t.state == TrialState.FAIL for t in every),
     }
-    settings = _settings(study, trials, key, maximize) if key else []
+    settings = _settings(study, trials, key, maximize, seeds) if key else []
     an = Analysis(
         study=study,
         objective=objective,
@@ -428,30 +451,68 @@ def analyse(study: Any) -> Analysis:
         counts=counts,
     )
     _bootstrap(settings, an.error, maximize)
+    enqueued = [t for t in trials if t.number == 0 and "fixed_params" in t.system_attrs]
+    an.baseline = enqueued[0] if enqueued else None
     thin = [s.label for s in settings if len(s.values) < MIN_PER_SETTING]
-    if len(trials) < MIN_TRIALS or len(settings) < 2 or thin:
+    if len(settings) < 2 or thin:
         need = []
-        if len(trials) < MIN_TRIALS:
-            need.append(f"{len(trials)} complete trials, at least {MIN_TRIALS} needed")
         if len(settings) < 2:
             need.append(f"{len(settings)} setting(s) of {key}, at least 2 needed")
         if thin:
             need.append(f"fewer than {MIN_PER_SETTING} complete trials at {key}={', '.join(thin)}")
         an.too_small = (
             "The study is too small to answer: " + "; ".join(need) + ". Run the same command "
-            "with a larger hydra.sweeper.n_trials (and hydra.sweeper.seeds=3 for seed noise)."
+            "with a larger hydra.sweeper.n_trials."
         )
         an.answer = an.too_small
     else:
+        _compare(an)
         an.untuned = _untuned(an)
-        an.answer = _answer(an)
-        if seeds < 2:
-            an.answer += (
-                " Each configuration trained with one seed: the interval is the bootstrap's "
-                "over trials, not seed noise (hydra.sweeper.seeds=3 measures it)."
-            )
+        per = min(len(s.values) for s in settings)
+        an.rates = verdict.rates(len(settings), per, seeds)
+        if an.rates[1] < verdict.POWER:
+            an.needed = verdict.budget(len(settings), seeds, start=per + 1)
+            an.too_small = _too_small(an, per)
+            an.answer = an.too_small
+        else:
+            an.answer = _answer(an)
     an.edges = _edges(study, an.best)
     return an
+
+
+def _compare(an: Analysis) -> None:
+    """The verdict on every setting against the best (verdict.compare)."""
+    result = verdict.compare(
+        [s.values for s in an.settings], [s.label for s in an.settings], an.maximize
+    )
+    an.p_all = result.p_all
+    for i, s in enumerate(an.settings):
+        s.difference = result.differences.get(i)
+
+
+def _too_small(an: Analysis, per: int) -> str:
+    """The measured reason a study cannot answer, and what would let it."""
+    false, power = an.rates
+    k = len(an.settings)
+    text = (
+        f"The study is too small to answer: with {per} trials per setting of "
+        f"{an.scientific} ({k} settings) and {an.seeds} seed(s), a difference of "
+        f"{verdict.EFFECT:g} seed s.d. is found {100 * power:.0f}% of the time "
+        f"({verdict.SIMULATED} simulated studies; a setting is called worse by chance "
+        f"{100 * false:.1f}% of the time)."
+    )
+    if an.needed:
+        text += (
+            f" About {an.needed} trials per setting ({an.needed * k} in all, "
+            f"hydra.sweeper.n_trials={an.needed * k}) find it {100 * verdict.POWER:.0f}% "
+            "of the time; run the same command with that budget."
+        )
+    else:
+        text += " More seeds (hydra.sweeper.seeds) or fewer settings would let it answer."
+    top = max(an.settings, key=lambda s: s.best_value if an.maximize else -s.best_value)
+    best = _fmt(top.best_value, an.objective)
+    text += f" So far the best is {best} at {an.scientific}={top.label}."
+    return text
 
 
 def _most_important(study: Any, keys: list[str]) -> str:

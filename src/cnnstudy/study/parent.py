@@ -88,6 +88,7 @@ def open_parent_run(
     sweeper = OmegaConf.to_yaml(config.hydra.sweeper)
     client.log_text(run.info.run_id, redact_text(sweeper), "sweep.yaml")
     study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    study.set_user_attr("cnnstudy.mlflow_experiment_id", experiment_id)  # report links
     return uri, experiment_id, run.info.run_id
 
 

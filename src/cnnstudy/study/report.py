@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import math
 import re
 import sys
 import warnings
@@ -45,27 +46,52 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _positions(an: Any) -> tuple[list[float], bool]:
+    """x of each setting: a numeric setting at its values' middle (on a log scale when
+    they span more than 10x), so that bins are spaced as their values are; else 0, 1, ..."""
+    import math
+
+    if any(s.low is None for s in an.settings):
+        return list(range(len(an.settings))), False
+    log = min(s.low for s in an.settings) > 0 and (
+        max(s.high for s in an.settings) / min(s.low for s in an.settings) > 10
+    )
+    if log:
+        return [math.sqrt(s.low * s.high) for s in an.settings], True
+    return [(s.low + s.high) / 2 for s in an.settings], False
+
+
 def _isolation(an: Any) -> bytes:
     plt = _matplotlib()
     figure, ax = plt.subplots(figsize=(6.4, 3.6))
-    xs = list(range(len(an.settings)))
+    xs, log = _positions(an)
     ys = [s.best_value for s in an.settings]
-    if an.seeds > 1 and all(s.spread is not None for s in an.settings):
-        ax.errorbar(xs, ys, yerr=[s.spread for s in an.settings], fmt="o-", capsize=4)
-        what = "error bars: the best trial's seed standard deviation"
-    else:
-        low = [s.best_value - s.interval[0] for s in an.settings]
-        high = [s.interval[1] - s.best_value for s in an.settings]
-        ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=4)
-        what = "error bars: bootstrap 95% interval of the best value"
+    sign = 1 if an.maximize else -1
+    top = next(s for s in an.settings if s.difference is None)
+    low, high = [], []
+    for s in an.settings:  # where this setting's best may lie, against the best setting's
+        d = s.difference
+        if d is None:
+            low.append(0.0)
+            high.append(0.0)
+            continue
+        near, far = top.best_value - sign * d.interval[0], top.best_value - sign * d.interval[1]
+        low.append(max(0.0, s.best_value - min(near, far)))
+        high.append(max(0.0, max(near, far) - s.best_value))
+    ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=4)
     for x, s in zip(xs, an.settings, strict=True):
         ax.scatter([x] * len(s.values), s.values, color="grey", alpha=0.35, s=12, zorder=0)
+    if log:
+        ax.set_xscale("log")
     ax.set_xticks(xs, [s.label for s in an.settings])
+    ax.minorticks_off()
     ax.set_xlabel(an.scientific)
     ax.set_ylabel(f"best {an.objective}")
     tuned = ", ".join(an.nuisance) or "none"
     ax.set_title(
-        f"isolation: best {an.objective} per setting (tuned: {tuned})\n{what}; grey: every trial",
+        f"isolation: best {an.objective} per setting (tuned: {tuned}); grey: every trial\n"
+        "bars: 95% interval of each setting's best against the best setting's (permutation "
+        "test, inverted)",
         fontsize=8,
     )
     return _png(figure)
@@ -120,7 +146,33 @@ def _optuna_plot(kind: str, study: Any, **kwargs: Any) -> bytes | None:
         plt.close("all")
         return None
     figure.set_size_inches(max(6.4, figure.get_size_inches()[0]), 4.0)
+    _tidy(figure)
     return _png(figure)
+
+
+def _tidy(figure: Any) -> None:
+    """Optuna's figures, made legible: a log axis labels its decades only (its minor
+    labels, 2x10^-3, 3x10^-3, ..., ran into each other), and a legend sits below the
+    plot, not over its title."""
+    from matplotlib.ticker import NullFormatter
+
+    for ax in figure.axes:
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_minor_formatter(NullFormatter())
+        legend = ax.get_legend()
+        if legend is not None and ax.get_title():
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                ax.legend(
+                    handles,
+                    labels,
+                    loc="upper center",
+                    bbox_to_anchor=(0.5, -0.28),
+                    ncol=len(labels),
+                    fontsize=7,
+                    frameon=False,
+                )
 
 
 def figures(an: Any) -> dict[str, bytes]:
@@ -183,9 +235,40 @@ color:#555}.meta{color:#555;font-size:.9em}
 """
 
 
-def render(an: Any, pictures: dict[str, bytes], *, storage: str, parent_run: str) -> str:
+HOW = (
+    "Each setting against the best one, by a permutation test of the best trial's value "
+    "(the trials' setting labels shuffled 2,000 times; first all settings at once, then "
+    "each, Holm-corrected); the interval inverts the same test, so it can fall on either "
+    "side of the observed difference. Numeric settings are bins of about equal numbers of "
+    "trials."
+)
+
+
+def _run_link(trial: Any, study: Any, tracking_uri: str | None) -> str:
+    """The trial's number, a link to its MLflow run when the study has one."""
+    run = trial.user_attrs.get("mlflow_run_id", "")
+    if not run or not tracking_uri:
+        return str(trial.number)
+    from cnnstudy.run.dashboard import run_link
+
+    experiment = study.user_attrs.get("cnnstudy.mlflow_experiment_id", "")
+    if not experiment:
+        return str(trial.number)
+    href = html.escape(run_link(tracking_uri, experiment, run))
+    return f"<a href='{href}'>{trial.number}</a>"
+
+
+def render(
+    an: Any,
+    pictures: dict[str, bytes],
+    *,
+    storage: str,
+    parent_run: str,
+    tracking_uri: str | None = None,
+) -> str:
     """The HTML page: every figure inline as a data: URI, no script, no external link."""
-    from cnnstudy.study.analysis import _fmt, _spread_fmt, importances, untuned_warnings
+    from cnnstudy.study import verdict
+    from cnnstudy.study.analysis import _fmt, _fmt_diff, importances, untuned_warnings
 
     e = html.escape
     study = an.study
@@ -215,31 +298,53 @@ def render(an: Any, pictures: dict[str, bytes], *, storage: str, parent_run: str
     )
     if an.settings:
         parts.append(
-            f"<h2>{e(an.scientific)}: each setting</h2><table><tr><th>setting</th>"
-            "<th>trials</th><th>best</th><th>bootstrap 95% of best</th>"
+            f"<h2>{e(an.scientific)}: each setting</h2><p class='meta'>{e(HOW)}</p>"
+            "<table><tr><th>setting</th><th>trials</th><th>best</th>"
+            "<th>worse than the best by (95% interval)</th><th>p (Holm)</th>"
             "<th>mean of all</th><th>best trial</th></tr>"
         )
         for s in an.settings:
-            lo, hi = s.interval
+            d = s.difference
+            if d is None:
+                gap, p = "the best setting", ""
+            elif math.isnan(d.interval[0]):
+                gap, p = _fmt_diff(d.difference, an.objective), f"{d.p:.3f}"
+            else:
+                lo, hi = (_fmt_diff(v, an.objective) for v in d.interval)
+                gap, p = f"{_fmt_diff(d.difference, an.objective)} ({lo} to {hi})", f"{d.p:.3f}"
+            if d is not None and d.worse:
+                gap += " — worse"
             parts.append(
                 f"<tr><td>{e(s.label)}</td><td>{len(s.values)}</td>"
-                f"<td>{e(_fmt(s.best_value, an.objective) + _spread_fmt(s.spread, an.objective))}"
-                f"</td><td>{e(_fmt(lo, an.objective))} – {e(_fmt(hi, an.objective))}</td>"
-                f"<td>{e(_fmt(sum(s.values) / len(s.values), an.objective))}</td>"
-                f"<td>{s.best.number}</td></tr>"
+                f"<td>{e(_fmt(s.best_value, an.objective))}</td><td>{e(gap)}</td>"
+                f"<td>{p}</td><td>{e(_fmt(sum(s.values) / len(s.values), an.objective))}</td>"
+                f"<td>{_run_link(s.best, study, tracking_uri)}</td></tr>"
             )
         parts.append("</table>")
+        if an.rates is not None:
+            false, power = an.rates
+            parts.append(
+                f"<p class='meta'>At this budget the test finds a difference of "
+                f"{verdict.EFFECT:g} seed s.d. {100 * power:.0f}% of the time and calls a "
+                f"setting worse by chance {100 * false:.1f}% of the time "
+                f"({verdict.SIMULATED} simulated studies each; README: Reports).</p>"
+            )
     if best is not None:
         command = best.user_attrs.get("reproduce", "")
         run = best.user_attrs.get("mlflow_run_id", "")
         params = ", ".join(f"{k}={v}" for k, v in best.params.items())
         parts.append(
-            f"<h2>Best trial</h2><p>Trial {best.number}: {e(an.objective)} "
-            f"{e(_fmt(best.values[0], an.objective))} with {e(params)}; MLflow run "
-            f"{e(run or 'unknown')}.</p>"
+            f"<h2>Best trial</h2><p>Trial {_run_link(best, study, tracking_uri)}: "
+            f"{e(an.objective)} {e(_fmt(best.values[0], an.objective))} with {e(params)}; "
+            f"MLflow run {e(run or 'unknown')}.</p>"
         )
-        if command:
-            parts.append(f"<p>Reproduce it: <code>{e(command)}</code></p>")
+        if run and an.seeds > 1:
+            parts.append(
+                f"<p>Reproduce it, its {an.seeds} seeds: <code>cnnstudy-reproduce "
+                f"{e(run)}</code>; or train its first seed: <code>{e(command)}</code></p>"
+            )
+        elif command:
+            parts.append(f"<p>Reproduce it: <code>{e(command)}</code> (seed: the config's)</p>")
         test = best.user_attrs.get("metrics", {}).get("test/acc")
         if test is not None:
             parts.append(
@@ -275,6 +380,7 @@ def write_report(
     *,
     storage: str,
     tracking_uri: str | None = None,
+    link_uri: str | None = None,
 ) -> Path:
     """Write index.html and the PNGs to out_dir; log both to the study's MLflow parent
     run when there is one (and tracking_uri is given). The HTML's path."""
@@ -287,7 +393,12 @@ def write_report(
     for name, data in pictures.items():
         (out_dir / name).write_bytes(data)
     page = out_dir / "index.html"
-    page.write_text(render(an, pictures, storage=storage, parent_run=parent), encoding="utf-8")
+    page.write_text(
+        render(
+            an, pictures, storage=storage, parent_run=parent, tracking_uri=link_uri or tracking_uri
+        ),
+        encoding="utf-8",
+    )
     if parent and tracking_uri:
         import mlflow
 
@@ -352,7 +463,9 @@ def _write(args: argparse.Namespace) -> None:
             uri = args.tracking_uri
         except ConfigError as err:
             report(f"not logged to MLflow: {err}")
-    page = write_report(study, out, storage=args.storage, tracking_uri=uri)
+    page = write_report(
+        study, out, storage=args.storage, tracking_uri=uri, link_uri=args.tracking_uri
+    )
     log.info(f"report: {page}")
     if uri:
         log.info(f"logged to the study's MLflow parent run under report/ ({redact_text(uri)})")

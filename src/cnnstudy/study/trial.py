@@ -165,6 +165,7 @@ class TrialRunner:
                     "cnnstudy.run_kind": "seed" if several else "trial",
                 },
                 callbacks=self._pruning(study, trial) if k == 0 else [],
+                pictures_if=self._new_best(study) if k == 0 else None,
             )
             job = [*overrides, f"seed={seed}"] if several else overrides
             with requested(request):
@@ -204,6 +205,27 @@ class TrialRunner:
             per_seed=per_seed,
             runs=[] if several else run_ids,
         )
+
+    def _new_best(self, study: Any) -> Any:
+        """Whether a run's metrics beat the study's best so far: its pictures are logged
+        then (the sweeps turn per-run pictures off for speed), so that the best network's
+        filters and confusion matrix are a click away. One objective only."""
+        from cnnstudy.study.summary import best_trial
+
+        if len(self.settings.objectives) > 1:
+            return None
+        name = self.settings.objectives[0]
+        best = best_trial(study)
+        current = None if best is None else best.value
+        sign = 1 if self.settings.all_directions[0] == "maximize" else -1
+
+        def beats(metrics: dict[str, float]) -> bool:
+            value = metrics.get(name)
+            if value is None or not math.isfinite(value):
+                return False
+            return current is None or sign * (value - current) > 0
+
+        return beats
 
     def _pruning(self, study: Any, trial: Any) -> list[Any]:
         """The objective reported to the trial after every validation epoch (Optuna's
