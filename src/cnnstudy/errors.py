@@ -96,6 +96,11 @@ def console_script(main: Callable[[], Any]) -> Callable[[], None]:
             code: Any = 0
         except SystemExit as done:
             code = done.code
+        except KeyboardInterrupt:  # Ctrl-C before a command notes signals itself
+            from cnnstudy.log import get
+
+            get().error("cnnstudy: stopped by SIGINT")
+            code = 130
         if code is None:
             code = 0
         elif not isinstance(code, int):

@@ -54,3 +54,6 @@ NOISE = (
 def quiet_libraries() -> None:
     for name in NOISE:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs each database error with its traceback before raising it; the study
+    # says the error once, in a line (cnnstudy.study.faults)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -36,6 +36,7 @@ from cnnstudy.run.store import store_lock
 from cnnstudy.study import samplers, workers
 from cnnstudy.study import space as spaces
 from cnnstudy.study.balance import Balance
+from cnnstudy.study.faults import best_effort, explain
 from cnnstudy.study.grid import Grid
 from cnnstudy.study.parent import close_parent_run, open_parent_run
 from cnnstudy.study.runs import end_trial_runs
@@ -154,6 +155,41 @@ class StudyRunner:
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
         self.fixed_values = fixed
         self._check_before_the_first_trial(space)
+        try:
+            self._open(space)
+        except (ConfigError, Interrupted):
+            raise
+        except Exception as err:
+            fault = self._fault(err)
+            if fault is None:
+                raise
+            raise fault from None
+        try:
+            return self._run(space, threads)
+        except BaseException as err:
+            fault = None
+            if isinstance(err, Exception) and not isinstance(err, ConfigError):
+                fault = self._fault(err)
+            # the parent run is the driver's; a worker ends it only when the driver is gone
+            if not workers.is_worker() or workers.driver_gone():
+                status = "KILLED" if isinstance(err, Interrupted) else "FAILED"
+                uri, parent = self.tracking.uri, self.tracking.parent_run_id
+                why = _why(fault or err)
+                best_effort(close_parent_run, uri, parent, status, why)
+            if fault is not None:
+                raise fault from None
+            raise
+
+    def _fault(self, err: BaseException) -> ConfigError | None:
+        from cnnstudy.run.store import tracking_uri
+        from cnnstudy.study.parent import run_config
+
+        tracking = tracking_uri(run_config(self.config))
+        return explain(err, storage=self.settings.storage_url, tracking=tracking)
+
+    def _open(self, space: dict[str, Any]) -> None:
+        """The study in its storage, and its MLflow parent run."""
+        s = self.settings
         self.study = study = self._study(space)
         with store_lock(self.url):  # one parent run, one enqueue, however many processes
             self.tracking = Tracking(
@@ -170,14 +206,6 @@ class StudyRunner:
             if not study.trials:
                 for params in s.enqueue or []:  # a key fixed on the command line: its value
                     study.enqueue_trial({k: v for k, v in dict(params).items() if k in space})
-        try:
-            return self._run(space, threads)
-        except BaseException as err:
-            # the parent run is the driver's; a worker ends it only when the driver is gone
-            if not workers.is_worker() or workers.driver_gone():
-                status = "KILLED" if isinstance(err, Interrupted) else "FAILED"
-                close_parent_run(self.tracking.uri, self.tracking.parent_run_id, status, _why(err))
-            raise
 
     def _check_before_the_first_trial(self, space: dict[str, Any]) -> None:
         """What would fail every trial, or loop without end, said in seconds, before the
@@ -337,6 +365,13 @@ class StudyRunner:
                 except Interrupted as stop:
                     self.trials.finish(study, trial, Outcome("FAIL", reason=f"stopped by {stop}"))
                     raise
+                except Exception as err:  # a fault of a store: the trial FAIL, the study stops
+                    fault = self._fault(err)
+                    if fault is None:
+                        raise
+                    failed = Outcome("FAIL", reason=str(fault))
+                    best_effort(self.trials.finish, study, trial, failed)
+                    raise fault from None
             told = time.perf_counter()
             if self.trials.finish(study, trial, outcome):
                 self.exhausted = True

@@ -177,11 +177,16 @@ def _tidy(figure: Any) -> None:
 
 def figures(an: Any) -> dict[str, bytes]:
     """PNG bytes by file name, in the order the report shows them."""
+    import optuna
+
     from cnnstudy.study.analysis import importances
 
     study = an.study
     target = {"target": lambda t: t.values[0], "target_name": an.objective}
     single = len(study.directions) == 1
+    # Optuna's plots warn on its logger when a study has no complete trial: the report
+    # says what it has in its counts instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     out: dict[str, bytes | None] = {}
     if an.settings:
         out["isolation.png"] = _isolation(an)
@@ -418,6 +423,12 @@ def _load(name: str, storage: str) -> Any:
     from cnnstudy.study.storage import make_storage
 
     check_store(storage, create=False)  # a report never creates a store
+    journal = storage.removeprefix("journal://")
+    if (storage.startswith("journal://") or "://" not in storage) and not Path(journal).is_file():
+        raise ConfigError(
+            f"--storage {storage}: no such journal file ({Path(journal).resolve()}); a report "
+            "reads a study, it creates nothing. Give the storage your study is in"
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with store_lock(storage):
         try:
@@ -463,9 +474,15 @@ def _write(args: argparse.Namespace) -> None:
             uri = args.tracking_uri
         except ConfigError as err:
             report(f"not logged to MLflow: {err}")
-    page = write_report(
-        study, out, storage=args.storage, tracking_uri=uri, link_uri=args.tracking_uri
-    )
+    try:
+        page = write_report(
+            study, out, storage=args.storage, tracking_uri=uri, link_uri=args.tracking_uri
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"--out {out}: cannot write the report there ({err.strerror or err}); give a "
+            "folder you can write"
+        ) from None
     log.info(f"report: {page}")
     if uri:
         log.info(f"logged to the study's MLflow parent run under report/ ({redact_text(uri)})")

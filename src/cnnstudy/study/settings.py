@@ -122,3 +122,11 @@ def check_storage(url: str) -> None:
             f"hydra.sweeper.storage={url}: the folder {path.parent} does not exist; create "
             "it, or give a storage in a folder that does (default: sqlite:///optuna.db)"
         )
+    if path is None and "://" in url and not url.startswith("journal://"):
+        from cnnstudy.run.store import check_store
+
+        try:  # a database server: its driver installed, the server answering, in seconds
+            check_store(url, create=False)
+        except ConfigError as err:
+            said = str(err).replace("tracking store ", "", 1)
+            raise ConfigError(f"hydra.sweeper.storage: {said}") from None

@@ -46,7 +46,12 @@ def make_storage(url: str) -> Any:
 
         path = url.removeprefix("journal://")
         return optuna.storages.JournalStorage(JournalFileBackend(path))
-    return optuna.storages.RDBStorage(url)
+    from cnnstudy.study.faults import LOCK_S
+
+    engine: dict[str, Any] = {}
+    if url.startswith("sqlite"):  # another writer's lock: wait for it, up to LOCK_S
+        engine = {"connect_args": {"timeout": LOCK_S}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 
 def trial_id(study: Any, number: int) -> int:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import statistics
 import time
@@ -23,6 +25,7 @@ from omegaconf import DictConfig
 from cnnstudy.errors import ConfigError, Diverged, Interrupted, Stopped
 from cnnstudy.redact import redact_text
 from cnnstudy.study import space as spaces
+from cnnstudy.study.faults import explain
 from cnnstudy.study.parent import run_config
 from cnnstudy.study.runs import end_runs, log_seed_means, open_trial_run, run_name
 from cnnstudy.study.settings import Settings
@@ -173,7 +176,8 @@ class TrialRunner:
             self.job_idx += 1
             runs = [request.run_id]
             try:
-                metrics = ret.return_value or {}
+                with contextlib.redirect_stderr(io.StringIO()):  # Hydra's "Error executing
+                    metrics = ret.return_value or {}  # job" line: the trial line says why
             except Stopped as stop:
                 return Outcome(stop.state, reason=str(stop), runs=runs)
             except Interrupted:
@@ -181,6 +185,8 @@ class TrialRunner:
             except Diverged as err:
                 return Outcome("FAIL", reason=str(err), runs=runs)
             except Exception as err:  # noqa: BLE001 -- the trial's failure, recorded
+                if explain(err, storage=self.settings.storage_url, tracking=self.tracking.uri):
+                    raise  # a store's fault, not the trial's: the study stops (loop.py)
                 return Outcome("FAIL", reason=f"{type(err).__name__}: {err}", runs=runs)
             for name in self.settings.objectives:
                 value = metrics.get(name)

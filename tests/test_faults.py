@@ -1,0 +1,159 @@
+"""Faults of the disk and the databases under a study: one line naming the store and
+what to do, exit 2 (or a bounded wait, for a lock), nothing left RUNNING, the stores as
+they were (`PRAGMA integrity_check`); signals at any moment: 130/143, no traceback."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from .conftest import BIN, run_cli
+from .test_study import TINY, runs_of, study, trials_of
+
+pytestmark = pytest.mark.slow
+
+
+def _intact(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def _nothing_running(where: Path) -> None:
+    assert not [t for t in trials_of(where, "hidden_units") if t.state == TrialState.RUNNING]
+    assert not [r for r in runs_of(where) if r.info.status == "RUNNING"]
+
+
+def test_a_damaged_optuna_storage_is_said_in_a_line_and_left_as_it_was(tmp_path):
+    damaged = tmp_path / "optuna.db"
+    damaged.write_bytes(b"not a database at all " * 200)
+    before = damaged.read_bytes()
+    done = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "the Optuna storage sqlite:///" in done.stderr
+    assert "is not a readable SQLite database (file is not a database)" in done.stderr
+    assert damaged.read_bytes() == before
+
+    damaged.unlink()  # a real one, then cut in half
+    assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[: len(whole) // 2])
+    cut = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=2")
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr
+    assert "the Optuna storage" in cut.stderr and "Restore it from a copy" in cut.stderr
+    assert damaged.read_bytes() == whole[: len(whole) // 2]
+
+
+def test_an_mlflow_store_missing_a_table_stops_the_study_with_its_trial_failed(tmp_path):
+    assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("DROP TABLE metrics")  # MLflow makes it again, of its first schema
+    done = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"the MLflow store sqlite:///{tmp_path}/mlflow.db lacks part of its schema" in (
+        done.stderr
+    )
+    trials = trials_of(tmp_path, "hidden_units")
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert "MLflow store" in trials[1].user_attrs["fail_reason"]
+    _intact(tmp_path / "optuna.db")
+    _intact(tmp_path / "mlflow.db")
+
+
+def test_a_storage_locked_by_another_writer_is_waited_for(tmp_path):
+    assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
+    held = threading.Event()
+
+    def hold() -> None:
+        db = sqlite3.connect(tmp_path / "optuna.db", isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(12)
+        db.execute("COMMIT")
+        db.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    done = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=2")
+    holder.join()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(trials_of(tmp_path, "hidden_units")) == 2
+    _nothing_running(tmp_path)
+    _intact(tmp_path / "optuna.db")
+
+
+def test_stores_that_cannot_be_used_are_one_line_and_create_nothing(tmp_path):
+    server = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "sweep=hidden_units",
+        "hydra.sweeper.storage=postgresql+psycopg2://study:s3cr3tpw@127.0.0.1:1/optuna",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert server.returncode == 2 and "Traceback" not in server.stderr
+    assert "hydra.sweeper.storage:" in server.stderr and "s3cr3tpw" not in server.stderr
+    unwritable = run_cli("cnnstudy-report", "x", "--out", "/dev/null/report", cwd=tmp_path)
+    assert unwritable.returncode == 2  # no such store first: nothing written
+    journal = run_cli(
+        "cnnstudy-report", "hidden_units", "--storage", "journal://none.log", cwd=tmp_path
+    )
+    assert journal.returncode == 2 and "no such journal file" in journal.stderr
+    assert not (tmp_path / "none.log").exists()
+    assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
+    out = run_cli(
+        "cnnstudy-report",
+        "hidden_units",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--out",
+        "/dev/null/report",
+        "--no-mlflow",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--out /dev/null/report: cannot write the report there (Not a directory)" in out.stderr
+
+
+@pytest.mark.parametrize(("signum", "after"), [(signal.SIGINT, 1.0), (signal.SIGTERM, 6.0)])
+def test_a_signal_at_any_moment_of_a_study_exits_128_plus_it_without_a_traceback(
+    tmp_path, signum, after
+):
+    """At start-up (imports), and a few seconds in (trials, summary)."""
+    proc = subprocess.Popen(
+        [
+            str(BIN / "cnnstudy-train"),
+            "-m",
+            "sweep=hidden_units",
+            *TINY,
+            "hydra.sweeper.n_trials=6",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"logger.artifact_location={tmp_path}/a",
+        ],
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PATH": str(BIN)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(after)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        return  # the study ended before the signal came: nothing to see
+    assert proc.returncode in (128 + signum, -signum), (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    if (tmp_path / "optuna.db").exists() and (tmp_path / "mlflow.db").exists():
+        try:
+            optuna.load_study(study_name="hidden_units", storage=f"sqlite:///{tmp_path}/optuna.db")
+        except KeyError:
+            return  # stopped before the study existed
+        _nothing_running(tmp_path)
