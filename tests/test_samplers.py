@@ -233,3 +233,24 @@ def test_balance_is_off_when_asked_for_several_objectives_or_no_categorical_scie
     rate = Settings(scientific=["optimizer.lr"])
     assert Balance.of(rate, {"optimizer.lr": FloatDistribution(1e-3, 1e-2)}, grid=False) is None
     assert Balance.of(Settings(scientific=["model.pool"]), pools, grid=False) is not None
+
+
+def test_a_trial_failed_by_another_process_while_stalled_ends_cleanly(tmp_path, caplog):
+    """Its heartbeat went stale, a live process marked it FAIL; when the stalled process
+    comes back with its result, it says so and goes on: no traceback, the trial FAIL."""
+    from cnnstudy.study.trial import Outcome, Tracking, TrialRunner
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, direction="maximize")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    storage.set_trial_state_values(  # what another process's mark_dead_trials does
+        storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(study.study_name), trial.number
+        ),
+        state=TrialState.FAIL,
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runner = TrialRunner(Settings(), None, None, None, [], Tracking(uri, "0", "parent"))
+    assert runner.finish(study, trial, Outcome("COMPLETE", [0.5])) is False
+    assert study.trials[0].state == TrialState.FAIL
+    assert not (tmp_path / "mlflow.db").exists()  # no run to end, no store made

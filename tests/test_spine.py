@@ -299,3 +299,19 @@ def test_the_progress_bar_shows_loss_and_accuracy_not_a_version(tmp_path, monkey
     seen = set().union(*shown)
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= seen
     assert "v_num" not in seen
+
+
+def test_a_studys_config_shows_with_cfg_and_every_command_runs_as_python_m(tmp_path):
+    shown = run_cli("cnnstudy-train", "-m", "sweep=hidden_units", "--cfg", "hydra", cwd=tmp_path)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr[-2000:]
+    assert "study_name: hidden_units" in shown.stdout and "-m dropped" in shown.stderr
+    assert not (tmp_path / "optuna.db").exists()
+    python = str(BIN / "python")
+    table = subprocess.run(
+        [python, "-m", "cnnstudy", "describe"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert table.returncode == 0 and "394,470" in table.stdout, table.stderr[-2000:]
+    usage = subprocess.run([python, "-m", "cnnstudy"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "train, describe, report, reproduce, ui" in usage.stderr
+    wrong = subprocess.run([python, "-m", "cnnstudy", "nope"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "got nope" in wrong.stderr

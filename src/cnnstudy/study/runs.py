@@ -95,11 +95,14 @@ def log_seed_means(uri: str, run_id: str, per_seed: list[dict[str, float]]) -> d
 def end_runs(uri: str, run_ids: list[str], state: str, reason: str = "") -> None:
     """End each run in the MLflow status of the trial's `state` (COMPLETE, PRUNED, FAIL,
     or KILLED for a signal), with the state and reason as tags."""
+    ids = list(dict.fromkeys(r for r in run_ids if r))
+    if not ids:
+        return
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     status = MLFLOW_STATUS.get(state, "KILLED")
-    for run_id in dict.fromkeys(r for r in run_ids if r):
+    for run_id in ids:
         client.set_tag(run_id, "cnnstudy.trial_state", state if state in MLFLOW_STATUS else "FAIL")
         if reason:
             tag = REASON_TAGS.get(state, "cnnstudy.killed_reason")

@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cnnstudy.errors import ConfigError, Diverged, Interrupted, Stopped
+from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.study import space as spaces
 from cnnstudy.study.faults import explain
@@ -32,6 +33,7 @@ from cnnstudy.study.settings import Settings
 
 SHAPE_CONSTRAINT = "shape_check"
 REJECTED = "rejected"  # user attribute of a trial whose network failed the shape check
+log = get_log("study")
 KEPT_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "model/params", "time/fit_s")
 
 
@@ -247,7 +249,23 @@ class TrialRunner:
         architecture is told PRUNED with its shape constraint violated: samplers learn
         only from finished (complete or pruned) trials, and TPE ranks an infeasible one
         below every feasible one, so it learns to avoid the region. It does not count
-        towards n_trials (user attribute `rejected`)."""
+        towards n_trials (user attribute `rejected`).
+
+        A trial that another process marked FAIL while this one was stalled (its
+        heartbeat went stale) stays FAIL: this process says so and goes on."""
+        import optuna
+
+        try:
+            return self._tell(study, trial, outcome)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning(
+                f"trial {trial.number}: another process marked it FAIL while this one ran it "
+                f"(its heartbeat went stale); its {outcome.state} outcome is not told to Optuna"
+            )
+            end_runs(self.tracking.uri, outcome.runs, "FAIL", "marked FAIL by another process")
+            return False
+
+    def _tell(self, study: Any, trial: Any, outcome: Outcome) -> bool:
         from optuna.trial import TrialState
 
         if outcome.reason:
