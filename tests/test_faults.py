@@ -108,6 +108,18 @@ def test_stores_that_cannot_be_used_are_one_line_and_create_nothing(tmp_path):
     )
     assert journal.returncode == 2 and "no such journal file" in journal.stderr
     assert not (tmp_path / "none.log").exists()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journaled = optuna.create_study(
+        study_name="j", storage=JournalStorage(JournalFileBackend(str(tmp_path / "j.log")))
+    )
+    journaled.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    plain = run_cli(  # a journal by its plain path, as hydra.sweeper.storage takes it
+        "cnnstudy-report", "j", "--storage", "j.log", "--no-mlflow", cwd=tmp_path
+    )
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert (tmp_path / "reports" / "j" / "index.html").exists()
     assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
     out = run_cli(
         "cnnstudy-report",

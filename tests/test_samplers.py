@@ -254,3 +254,27 @@ def test_a_trial_failed_by_another_process_while_stalled_ends_cleanly(tmp_path, 
     assert runner.finish(study, trial, Outcome("COMPLETE", [0.5])) is False
     assert study.trials[0].state == TrialState.FAIL
     assert not (tmp_path / "mlflow.db").exists()  # no run to end, no store made
+
+
+def test_a_study_keeps_its_space_and_a_trial_that_never_beat_is_failed(tmp_path, monkeypatch):
+    """A study stored before its objectives had names still refuses another space; a
+    RUNNING trial with no heartbeat at all (its process died before the first beat)
+    fails once it is older than the grace period, instead of being waited on forever."""
+    from cnnstudy.errors import ConfigError as Refused
+    from cnnstudy.study import storage
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    attrs = {"search_space": "A", "objective": ["val/acc"], "seeds": 1}
+    old = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    old.set_user_attr("cnnstudy.search_space", "A")  # as a study made before names were set
+    with pytest.raises(Refused, match="created with the search space A"):
+        storage.open_study(url, "s", ["maximize"], {**attrs, "search_space": "B"})
+    study, _ = storage.open_study(url, "s", ["maximize"], attrs)
+    assert study.metric_names == ["val/acc"]
+    study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # never claimed
+    storage.mark_dead_trials(study, retry_failed=0)
+    assert study.trials[0].state == TrialState.RUNNING  # young: its process may yet beat
+    monkeypatch.setattr(storage, "GRACE_S", -1)
+    storage.mark_dead_trials(study, retry_failed=0)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.FAIL and "no heartbeat" in trial.user_attrs["fail_reason"]

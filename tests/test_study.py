@@ -42,6 +42,17 @@ def study(where: Path, *args: str, env: dict | None = None) -> subprocess.Comple
     )
 
 
+def reproduce(where: Path, run_id: str) -> subprocess.CompletedProcess:
+    """`cnnstudy-reproduce RUN_ID` against the study's MLflow store under `where`."""
+    return run_cli(
+        "cnnstudy-reproduce",
+        run_id,
+        "--no-progress",
+        cwd=where,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{where}/mlflow.db"},
+    )
+
+
 def trials_of(where: Path, name: str) -> list:
     """The study's trials, read under the storage's lock: a reader opening a new SQLite file
     while the study creates its tables would create them too (and one would crash)."""
@@ -401,13 +412,7 @@ def test_a_pruner_prunes_a_trial_inside_training(tmp_path):
     last = max(pruned.intermediate_values)
     assert pruned.user_attrs["reason"].startswith(f"pruned at epoch {last} (after {last + 1} of 4")
     assert pruned_run.data.tags["cnnstudy.epochs_trained"] == str(last + 1) == str(epochs)
-    again = run_cli(
-        "cnnstudy-reproduce",
-        pruned_run.info.run_id,
-        "--no-progress",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
-    )
+    again = reproduce(tmp_path, pruned_run.info.run_id)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "was pruned by its study" in again.stdout
     assert f"{epochs} of trainer.max_epochs=4 epochs" in again.stdout
@@ -447,13 +452,7 @@ def test_seeds_train_each_configuration_several_times_and_report_the_mean(tmp_pa
     assert trial.user_attrs["mlflow_run_id"] == trial_run.info.run_id
     (results,) = tmp_path.glob("multirun/*/*/results.yaml")
     assert f"best_mlflow_run_id: {trial_run.info.run_id}" in results.read_text()
-    again = run_cli(
-        "cnnstudy-reproduce",
-        trial_run.info.run_id,
-        "--no-progress",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
-    )
+    again = reproduce(tmp_path, trial_run.info.run_id)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "training seed(s) 0, 1 again" in again.stdout
     assert "MATCH: every metric of 2 seed run(s) agrees" in again.stdout

@@ -243,11 +243,17 @@ def _answer(an: Analysis) -> str:
         by = _fmt_diff(d.difference, obj)
         return f"{s.label} by {by} (95% interval {lo} to {hi}, p={d.p:.3f})"
 
-    if not far:
+    if not far and an.p_all >= verdict.ALPHA:
         text = (
             f"No detectable difference between the settings of {key} with {n} trials: best "
             f"{'; '.join(value(s) for s in an.settings)} (all settings tested at once: "
             f"p={an.p_all:.2f})."
+        )
+    elif not far:
+        text = (
+            f"The settings of {key} differ taken together (p={an.p_all:.3f}), but none is "
+            f"found worse than the best one, {key}={top.label} ({_fmt(top.best_value, obj)}), "
+            f"on its own after correction: best {'; '.join(value(s) for s in an.settings)}."
         )
     else:
         text = f"{key}={top.label} is best: {_fmt(top.best_value, obj)}. Worse: "
@@ -272,6 +278,8 @@ def _answer(an: Analysis) -> str:
 
 
 def _fmt_diff(value: float, objective: str) -> str:
+    if math.isinf(value):
+        return "no bound" if value > 0 else "no bound below"
     if objective.endswith("acc"):
         return f"{100 * value:.1f} points"
     return f"{value:.3g}"
@@ -451,7 +459,7 @@ def analyse(study: Any) -> Analysis:
         counts=counts,
     )
     _bootstrap(settings, an.error, maximize)
-    enqueued = [t for t in trials if t.number == 0 and "fixed_params" in t.system_attrs]
+    enqueued = [t for t in trials if t.number == 0 and t.user_attrs.get("enqueued")]
     an.baseline = enqueued[0] if enqueued else None
     thin = [s.label for s in settings if len(s.values) < MIN_PER_SETTING]
     if len(settings) < 2 or thin:

@@ -59,6 +59,7 @@ class StudyRunner:
         self.timings: list[dict[str, float]] = []  # sampler and storage time per trial
         self.workers: list[Any] = []  # the n_jobs - 1 processes this one started
         self.rejected: list[str] = []  # reasons of the trials rejected in a row, up to now
+        self.marked = 0  # trials of dead processes this process marked FAIL
 
     # ------------------------------------------------------------------ set-up
 
@@ -171,8 +172,10 @@ class StudyRunner:
             if isinstance(err, Exception) and not isinstance(err, ConfigError):
                 fault = self._fault(err)
             # the parent run is the driver's; a worker ends it only when the driver is gone
-            if not workers.is_worker() or workers.driver_gone():
-                status = "KILLED" if isinstance(err, Interrupted) else "FAILED"
+            closed = getattr(self, "parent_closed", False)  # FINISHED already: it stays
+            if not closed and (not workers.is_worker() or workers.driver_gone()):
+                stopped = isinstance(err, (Interrupted, KeyboardInterrupt))
+                status = "KILLED" if stopped else "FAILED"
                 uri, parent = self.tracking.uri, self.tracking.parent_run_id
                 why = _why(fault or err)
                 best_effort(close_parent_run, uri, parent, status, why)
@@ -205,7 +208,10 @@ class StudyRunner:
             )
             if not study.trials:
                 for params in s.enqueue or []:  # a key fixed on the command line: its value
-                    study.enqueue_trial({k: v for k, v in dict(params).items() if k in space})
+                    study.enqueue_trial(
+                        {k: v for k, v in dict(params).items() if k in space},
+                        user_attrs={"enqueued": True},  # the first: the report's baseline
+                    )
 
     def _check_before_the_first_trial(self, space: dict[str, Any]) -> None:
         """What would fail every trial, or loop without end, said in seconds, before the
@@ -264,13 +270,15 @@ class StudyRunner:
             return []  # the process that started the workers reports the study
         self._mark_dead_trials()  # a worker's trial, when it died mid-trial
         if died:
-            log.warning(f"cnnstudy: {died}; its trial was marked FAIL")
+            told = "; its trial was marked FAIL" if self.marked else ""
+            log.warning(f"cnnstudy: {died}{told}")
             if finished_count(study) < self.target:
                 raise ConfigError(f"{died}; run the same command to resume the study")
         from cnnstudy.run.lifecycle import mark_orphans
 
         mark_orphans(tracking.uri, by=f"the study's driver (pid {os.getpid()})")
         close_parent_run(tracking.uri, tracking.parent_run_id, "FINISHED")
+        self.parent_closed = True
         return summarise(
             study,
             settings=s,
@@ -295,15 +303,19 @@ class StudyRunner:
             text += f"  ETA {duration(eta)}"
         return text
 
-    def _mark_dead_trials(self) -> None:
-        """Trials of processes that died are FAIL, their MLflow runs FAILED."""
+    def _mark_dead_trials(self) -> int:
+        """Trials of processes that died are FAIL, their MLflow runs FAILED; how many."""
         tracking, name = self.tracking, self.study.study_name
+        marked = []
 
         def ended(trial: Any, why: str) -> None:
+            marked.append(trial.number)
             end_trial_runs(tracking, name, trial.number, "FAIL", why)
 
         workers.reap(self.workers)  # a dead worker's pid is gone, not a zombie's
         mark_dead_trials(self.study, self.settings.retry_failed, ended)
+        self.marked += len(marked)
+        return len(marked)
 
     def _ask(self, space: dict[str, Any]) -> Any:
         """The next trial, or None when the study has its n_trials: the count and the ask

@@ -310,7 +310,9 @@ def render(
         )
         for s in an.settings:
             d = s.difference
-            if d is None:
+            if an.p_all is None:  # too small to test at all
+                gap, p = "—", ""
+            elif d is None:
                 gap, p = "the best setting", ""
             elif math.isnan(d.interval[0]):
                 gap, p = _fmt_diff(d.difference, an.objective), f"{d.p:.3f}"
@@ -394,16 +396,20 @@ def write_report(
     an = analyse(study)
     pictures = figures(an)
     parent = str(study.user_attrs.get("cnnstudy.mlflow_parent_run_id", ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in pictures.items():
-        (out_dir / name).write_bytes(data)
-    page = out_dir / "index.html"
-    page.write_text(
-        render(
-            an, pictures, storage=storage, parent_run=parent, tracking_uri=link_uri or tracking_uri
-        ),
-        encoding="utf-8",
+    html_text = render(
+        an, pictures, storage=storage, parent_run=parent, tracking_uri=link_uri or tracking_uri
     )
+    page = out_dir / "index.html"
+    try:  # the local files: a folder that cannot be written is the user's to change
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in pictures.items():
+            (out_dir / name).write_bytes(data)
+        page.write_text(html_text, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"--out {out_dir}: cannot write the report there ({err.strerror or err}); give a "
+            "folder you can write"
+        ) from None
     if parent and tracking_uri:
         import mlflow
 
@@ -422,9 +428,11 @@ def _load(name: str, storage: str) -> Any:
     from cnnstudy.run.store import check_store, store_lock
     from cnnstudy.study.storage import make_storage
 
-    check_store(storage, create=False)  # a report never creates a store
     journal = storage.removeprefix("journal://")
-    if (storage.startswith("journal://") or "://" not in storage) and not Path(journal).is_file():
+    is_journal = storage.startswith("journal://") or "://" not in storage
+    if not is_journal:
+        check_store(storage, create=False)  # a report never creates a store
+    if is_journal and not Path(journal).is_file():
         raise ConfigError(
             f"--storage {storage}: no such journal file ({Path(journal).resolve()}); a report "
             "reads a study, it creates nothing. Give the storage your study is in"
@@ -474,15 +482,9 @@ def _write(args: argparse.Namespace) -> None:
             uri = args.tracking_uri
         except ConfigError as err:
             report(f"not logged to MLflow: {err}")
-    try:
-        page = write_report(
-            study, out, storage=args.storage, tracking_uri=uri, link_uri=args.tracking_uri
-        )
-    except OSError as err:
-        raise ConfigError(
-            f"--out {out}: cannot write the report there ({err.strerror or err}); give a "
-            "folder you can write"
-        ) from None
+    page = write_report(
+        study, out, storage=args.storage, tracking_uri=uri, link_uri=args.tracking_uri
+    )
     log.info(f"report: {page}")
     if uri:
         log.info(f"logged to the study's MLflow parent run under report/ ({redact_text(uri)})")

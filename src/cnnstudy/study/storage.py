@@ -111,16 +111,16 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
         if stored is None:
             study.set_user_attr("cnnstudy.search_space", attrs["search_space"])
             study.set_user_attr("cnnstudy.objective", attrs["objective"])
-        if study.metric_names is None:  # optuna-dashboard names its axes after them
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # experimental in Optuna 5
-                study.set_metric_names(list(attrs["objective"]))
         elif stored != attrs["search_space"]:
             raise ConfigError(
                 f"hydra.sweeper.study_name={name}: the study in {redact_text(url)} was "
                 f"created with the search space {stored}; this command's is "
                 f"{attrs['search_space']}. Give another study_name, or the same space"
             )
+        if study.metric_names is None:  # optuna-dashboard names its axes after them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental in Optuna 5
+                study.set_metric_names(list(attrs["objective"]))
         for key, value in attrs.items():
             if key in ("search_space", "objective"):
                 continue
@@ -154,9 +154,11 @@ def mark_dead_trials(
     study_id = storage.get_study_id_from_name(study.study_name)
     now = time.time()
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        process = process_of(trial)
+        process = process_of(trial) or dict(trial.user_attrs)  # user attrs: before 0.2
         why = gone(process)
         beat = trial.system_attrs.get(HEARTBEAT)
+        if beat is None and trial.datetime_start is not None:  # died before its first beat
+            beat = trial.datetime_start.timestamp()  # Optuna's clock: naive local time
         if not why and beat is not None and now - float(beat) > GRACE_S:
             why = (
                 f"no heartbeat for over {GRACE_S} s from process "

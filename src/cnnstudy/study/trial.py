@@ -26,7 +26,7 @@ from cnnstudy.errors import ConfigError, Diverged, Interrupted, Stopped
 from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.study import space as spaces
-from cnnstudy.study.faults import explain
+from cnnstudy.study.faults import best_effort, explain
 from cnnstudy.study.parent import run_config
 from cnnstudy.study.runs import end_runs, log_seed_means, open_trial_run, run_name
 from cnnstudy.study.settings import Settings
@@ -47,6 +47,7 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)  # mean over seeds
     per_seed: list[dict[str, float]] = field(default_factory=list)  # every metric, each seed
     runs: list[str] = field(default_factory=list)  # MLflow runs that end in its state
+    attrs: dict[str, Any] = field(default_factory=dict)  # more user attributes of the trial
 
 
 @dataclass
@@ -143,6 +144,9 @@ class TrialRunner:
         except Interrupted as stop:
             end_runs(self.tracking.uri, [trial_run], "KILLED", f"{stop} during the trial")
             raise
+        except Exception as err:  # a store's fault (loop.py says it): its run ends too
+            best_effort(end_runs, self.tracking.uri, [trial_run], "FAIL", str(err)[:500])
+            raise
         outcome.seconds = time.perf_counter() - started
         if trial_run and outcome.state == "COMPLETE":
             log_seed_means(self.tracking.uri, trial_run, outcome.per_seed)
@@ -199,11 +203,10 @@ class TrialRunner:
         objectives = self.settings.objectives
         values = [[m[name] for name in objectives] for m in per_seed]
         means = [statistics.fmean(v[i] for v in values) for i in range(len(objectives))]
-        if several:
-            trial.set_user_attr("seed_values", values)
-            trial.set_user_attr(
-                "seed_std", [statistics.stdev(v[i] for v in values) for i in range(len(means))]
-            )
+        attrs: dict[str, Any] = {}
+        if several:  # told with the outcome (_tell), not before: the trial may be FAIL by then
+            attrs["seed_values"] = values
+            attrs["seed_std"] = [statistics.stdev(v[i] for v in values) for i in range(len(means))]
         kept = [{k: m[k] for k in KEPT_METRICS if k in m} for m in per_seed]
         return Outcome(
             "COMPLETE",
@@ -212,6 +215,7 @@ class TrialRunner:
             metrics={k: statistics.fmean(m[k] for m in kept) for k in kept[0]},
             per_seed=per_seed,
             runs=[] if several else run_ids,
+            attrs=attrs,
         )
 
     def _new_best(self, study: Any) -> Any:
@@ -275,6 +279,8 @@ class TrialRunner:
             trial.set_user_attr("mlflow_run_id", outcome.run_id)
         if outcome.metrics:  # what reports read: test accuracy, size, time
             trial.set_user_attr("metrics", outcome.metrics)
+        for key, value in outcome.attrs.items():
+            trial.set_user_attr(key, value)
         if outcome.state == "COMPLETE":
             trial.set_user_attr("reproduce", reproduce_command(self.fixed, trial))
         state = getattr(TrialState, "PRUNED" if outcome.state == "REJECTED" else outcome.state)

@@ -33,7 +33,9 @@ def start_workers(count: int, threads: int) -> list[subprocess.Popen]:
         DRIVER_ENV: str(os.getpid()),
         "OMP_NUM_THREADS": str(threads),
     }
-    command = [sys.argv[0], *sys.argv[1:], f"trainer.num_threads={threads}"]
+    # the command as it was started (a console script or python -m cnnstudy), unchanged:
+    # the study's name is its overrides; each worker sets its threads as the driver does
+    command = list(sys.orig_argv)
     return [subprocess.Popen(command, env=env) for _ in range(count)]
 
 
