@@ -709,7 +709,7 @@ def _parallel(where: Path, n_trials: int) -> tuple[subprocess.Popen, list[str]]:
         "-m",
         "sweep=hidden_units",
         *TINY,
-        "trainer.max_epochs=40",
+        "trainer.max_epochs=150",  # seconds a trial: a kill lands mid-training
         f"hydra.sweeper.n_trials={n_trials}",
         "hydra.sweeper.n_jobs=2",
         f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
@@ -734,7 +734,6 @@ def _worker_training(where: Path, driver: int) -> int:
                 pid = int(run.data.tags.get("cnnstudy.pid", 0))
                 kind = run.data.tags.get("cnnstudy.run_kind")
                 if kind == "trial" and run.info.status == "RUNNING" and pid != driver:
-                    time.sleep(1.0)
                     return pid
         time.sleep(0.3)
     raise AssertionError("no trial of the worker started")
@@ -748,7 +747,7 @@ def test_a_worker_killed_with_sigkill_fails_its_trial_and_the_driver_finishes_th
     os.kill(worker, signal.SIGKILL)
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, out[-3000:]  # every trial finished: the study did
-    assert f"worker {worker} was killed by SIGKILL; its trial was marked FAIL" in out
+    assert f"worker {worker} was killed by SIGKILL; its trial was marked FAIL" in out, out[-3000:]
     trials = trials_of(tmp_path, "hidden_units")
     assert len(finished(trials)) == 3
     (dead,) = [t for t in trials if t.state == TrialState.FAIL]

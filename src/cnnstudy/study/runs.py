@@ -111,15 +111,21 @@ def end_runs(uri: str, run_ids: list[str], state: str, reason: str = "") -> None
 
 
 def end_trial_runs(tracking: Any, study_name: str, number: int, state: str, reason: str) -> None:
-    """End the RUNNING runs of trial `number` (its own and its seeds'), wherever their
-    process was: a trial marked FAIL by another process (its heartbeat stopped)."""
+    """End the runs of trial `number` (its own and its seeds') in `state`, wherever their
+    process was: a trial marked FAIL by another process (its process died, or its
+    heartbeat stopped). A run that finished before its process died without telling the
+    study ends FAILED too: its trial is FAIL."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking.uri)
     found = client.search_runs(
         [tracking.experiment_id],
-        f"tags.`cnnstudy.trial` = '{number}' and attributes.status = 'RUNNING'",
+        f"tags.`cnnstudy.trial` = '{number}' and attributes.status != '{MLFLOW_STATUS[state]}'",
         max_results=1000,
     )
-    ids = [r.info.run_id for r in found if r.data.tags.get("cnnstudy.study") == study_name]
+    ids = [
+        r.info.run_id
+        for r in found
+        if r.data.tags.get("cnnstudy.study") == study_name and r.info.status != "KILLED"
+    ]
     end_runs(tracking.uri, ids, state, reason)
