@@ -48,10 +48,10 @@ for name in "${todo[@]}"; do
   case $name in
     hidden_units)    study hidden_units hidden_units trainer.max_epochs=2 hydra.sweeper.seeds=2 ;;
     receptive_field) study receptive_field receptive_field trainer.max_epochs=2 ;;
-    filters)         study filters filters trainer.max_epochs=2 hydra.sweeper.n_trials=12 ;;
-    pooling)         study pooling pooling trainer.max_epochs=2 hydra.sweeper.n_trials=12 ;;
+    filters)         study filters filters trainer.max_epochs=2 ;;
+    pooling)         study pooling pooling trainer.max_epochs=2 ;;
     stride_padding)  study stride_padding stride_padding trainer.max_epochs=2 ;;
-    dropout)         study dropout dropout trainer.max_epochs=2 hydra.sweeper.n_trials=12 ;;
+    dropout)         study dropout dropout trainer.max_epochs=2 ;;
     activation)      study activation activation trainer.max_epochs=2 ;;
     hidden_units_5)  study hidden_units_5 hidden_units trainer.max_epochs=2 hydra.sweeper.seeds=2 \
                        "data.classes=[0,1,2,3,4]" data.num_classes=0 ;;
