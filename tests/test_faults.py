@@ -4,6 +4,7 @@ they were (`PRAGMA integrity_check`); signals at any moment: 130/143, no traceba
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -169,3 +170,40 @@ def test_a_signal_at_any_moment_of_a_study_exits_128_plus_it_without_a_traceback
         except KeyError:
             return  # stopped before the study existed
         _nothing_running(tmp_path)
+
+
+def test_a_full_disk_is_said_in_a_line_and_the_study_resumes_after(tmp_path):
+    """No file of the study may grow (RLIMIT_FSIZE: a write past the limit fails with
+    EFBIG, as on a full disk; Python ignores the SIGXFSZ that comes with it)."""
+    import resource
+
+    assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
+    limit = max((tmp_path / name).stat().st_size for name in ("optuna.db", "mlflow.db"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    full = subprocess.run(
+        [
+            str(BIN / "cnnstudy-train"),
+            "-m",
+            "sweep=hidden_units",
+            *TINY,
+            "hydra.sweeper.n_trials=3",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"logger.artifact_location={tmp_path}/a",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        timeout=300,
+    )
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    said = full.stderr.splitlines()[-1]
+    assert said.startswith("cnnstudy: error: the ") and "Free space" in said, full.stderr
+    _intact(tmp_path / "optuna.db")
+    _intact(tmp_path / "mlflow.db")
+    resumed = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _nothing_running(tmp_path)

@@ -64,13 +64,13 @@ def explain(err: BaseException, *, storage: str, tracking: str) -> ConfigError |
     if os_error is not None and os_error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         place = os_error.filename or where or "a file the study writes"
         return ConfigError(
-            f"{place}: no space left ({os_error.strerror}); free some, then run the same "
-            "command: the study resumes where it stopped"
+            f"{place}: no space left ({os_error.strerror}). Free space (df -h), then run the "
+            "same command: the study resumes where it stopped"
         )
     if "database or disk is full" in said:
         return ConfigError(
-            f"{where or 'a database of the study'}: the disk is full ({_text(err)}); free "
-            "space, then run the same command: the study resumes where it stopped"
+            f"{where or 'a database of the study'}: the disk is full ({_text(err)}). Free "
+            "space (df -h), then run the same command: the study resumes where it stopped"
         )
     if not where:
         if os_error is not None and os_error.errno in (errno.EACCES, errno.EROFS, errno.ENOTDIR):
@@ -89,7 +89,13 @@ def explain(err: BaseException, *, storage: str, tracking: str) -> ConfigError |
             f"{where} is read-only ({_text(err)}); make the file and its folder writable, "
             "or give another store"
         )
-    if any(w in said for w in ("file is not a database", "malformed", "disk i/o error")):
+    if "disk i/o error" in said:  # SQLite's word for a write the disk refused
+        return ConfigError(
+            f"{where}: the disk refused a write (disk I/O error): no space left, a file size "
+            "limit, or a failing disk; nothing else was changed. Free space (df -h), then run "
+            "the same command: the study resumes where it stopped"
+        )
+    if any(w in said for w in ("file is not a database", "malformed")):
         return ConfigError(
             f"{where} is not a readable SQLite database ({_text(err)}): damaged or "
             "truncated; nothing was written to it. Restore it from a copy, or give another "
