@@ -207,3 +207,21 @@ def test_a_full_disk_is_said_in_a_line_and_the_study_resumes_after(tmp_path):
     resumed = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _nothing_running(tmp_path)
+
+
+def test_a_read_only_storage_is_said_in_a_line_and_left_as_it_was(tmp_path):
+    """chattr +i: a file even root cannot write (file permissions do not stop root)."""
+    assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
+    stored = tmp_path / "optuna.db"
+    locked = subprocess.run(["chattr", "+i", str(stored)], capture_output=True, text=True)
+    if locked.returncode != 0:
+        pytest.skip(f"chattr +i is not allowed here: {locked.stderr.strip()}")
+    try:
+        before = stored.read_bytes()
+        done = study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=2")
+    finally:
+        subprocess.run(["chattr", "-i", str(stored)], check=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"the Optuna storage sqlite:///{tmp_path}/optuna.db is read-only" in done.stderr
+    assert stored.read_bytes() == before
+    _intact(stored)
