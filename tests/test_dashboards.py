@@ -78,3 +78,20 @@ def test_the_optuna_dashboard_of_a_storage_that_does_not_exist_is_an_error(tmp_p
     )
     assert done.returncode == 2 and "no such file" in done.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_the_printed_dashboard_address_is_the_one_cnnstudy_ui_serves(tmp_path):
+    """cnnstudy-ui notes where it serves a SQLite store; links use it while it runs."""
+    import json
+    import os
+
+    from cnnstudy.run import dashboard
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert dashboard.address(uri) == ("http://127.0.0.1:5000", False)  # nothing noted
+    noted = tmp_path / "mlflow.db.ui.json"
+    noted.write_text(json.dumps({"url": "http://127.0.0.1:5077", "pid": os.getpid()}))
+    assert dashboard.address(uri) == ("http://127.0.0.1:5077", True)
+    assert dashboard.run_link(uri, "3", "abc") == "http://127.0.0.1:5077/#/experiments/3/runs/abc"
+    noted.write_text(json.dumps({"url": "http://127.0.0.1:5077", "pid": 2**22 + 12345}))
+    assert dashboard.address(uri)[1] is False  # that server is gone: the default again

@@ -147,3 +147,20 @@ def test_describe_takes_a_config_dir_of_your_own(installed, tmp_path):
         "model=my_net",
     )
     assert '"params": ' + str(16 * 26 + (14 * 14 * 16 + 1) * 64 + 65 * 10) in described.stdout
+
+
+def test_no_private_optuna_api_is_used():
+    """Public APIs only, so that an Optuna upgrade is a version bump (issue 15, item 7)."""
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    private = re.compile(
+        r"\._storage\b|\._trial_id\b|\._study_id\b|optuna\.\w+\._\w+|from optuna\.\w+\._"
+    )
+    found = [
+        f"{path.relative_to(src)}:{n}: {line.strip()}"
+        for path in src.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not found, found

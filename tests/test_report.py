@@ -384,3 +384,38 @@ def test_a_two_objective_study_draws_its_pareto_front_with_the_objectives_named(
     pictures = report.figures(analysis.analyse(made))
     assert seen["target_names"] == ["val/acc", "time/fit_s"]
     assert pictures["pareto.png"].startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_figures_are_legible_and_isolation_bins_sit_at_their_values():
+    """Log axes label their decades only, legends sit below their plots, and numeric
+    settings are placed at their values (log-spaced when they span more than 10x)."""
+    from matplotlib.ticker import NullFormatter
+
+    an = analysis.analyse(_study(_curve(128)))
+    xs, log = report._positions(an)
+    assert log and xs == sorted(xs)
+    low, high = an.settings[0], an.settings[-1]
+    assert xs[0] == pytest.approx((low.low * low.high) ** 0.5)
+    assert xs[-1] == pytest.approx((high.low * high.high) ** 0.5)
+    plt = report._matplotlib()
+    figure, ax = plt.subplots()
+    ax.plot([1e-3, 1e-2], [0, 1], label="Feasible")
+    ax.set_xscale("log")
+    ax.set_title("Parallel Coordinate Plot")
+    ax.legend()
+    report._tidy(figure)
+    assert isinstance(ax.xaxis.get_minor_formatter(), NullFormatter)
+    legend = ax.get_legend()
+    assert legend._loc == 9 and legend.get_bbox_to_anchor()._bbox.y0 < 0  # below the axes
+    plt.close(figure)
+
+
+def test_the_report_tells_how_to_reproduce_a_trial_of_several_seeds():
+    trials = [
+        (params, value, {"mlflow_run_id": f"run{k}", "reproduce": "cnnstudy-train x=1"})
+        for k, (params, value, _) in enumerate(_curve(128))
+    ]
+    an = analysis.analyse(_study(trials, seeds=2))
+    page = report.render(an, {}, storage="sqlite:///x.db", parent_run="")
+    best = an.best.user_attrs["mlflow_run_id"]
+    assert f"Reproduce it, its 2 seeds: <code>cnnstudy-reproduce {best}</code>" in page

@@ -523,6 +523,8 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(tmp
     assert trials[0].state == TrialState.FAIL
     assert f"process {long.proc.pid}" in trials[0].user_attrs["fail_reason"]
     assert len(finished(trials)) == 2
+    drawn = [t.params["optimizer.lr"] for t in finished(trials)]
+    assert len(set(drawn)) == len(drawn)  # the resumed sampler did not repeat a draw
 
 
 def test_diverged_trials_fail_in_optuna_and_mlflow_and_max_failures_stops_the_study(tmp_path):
@@ -549,6 +551,18 @@ def test_diverged_trials_fail_in_optuna_and_mlflow_and_max_failures_stops_the_st
         if run is not parent:
             assert run.data.tags["cnnstudy.trial_state"] == "FAIL"
             assert run.data.tags["cnnstudy.fail_reason"].startswith("training diverged")
+    # a report of a study with no complete trial: said in its counts, no Optuna warnings
+    written = run_cli(
+        "cnnstudy-report",
+        "failing",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--no-mlflow",
+        cwd=tmp_path,
+    )
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert "completed trials" not in written.stdout + written.stderr
+    assert written.stdout.strip().splitlines() == ["report: reports/failing/index.html"]
 
 
 def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp_path):
@@ -695,6 +709,15 @@ def test_an_interval_on_the_command_line_is_a_sampled_study_not_a_grid(tmp_path)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Launching 1 jobs locally" in done.stdout + done.stderr
+    quiet = study(  # cnnstudy's messages are a logger's: Hydra's logging config silences them
+        tmp_path,
+        "model.hidden_units=int(interval(8, 64))",
+        "hydra.sweeper.n_trials=2",
+        "+hydra.hydra_logging.loggers.cnnstudy.level=WARNING",
+        "+hydra.job_logging.loggers.cnnstudy.level=WARNING",
+    )
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "study multirun" not in quiet.stdout and "best: trial" not in quiet.stdout
     (parent,) = [r for r in runs_of(tmp_path) if r.data.tags["cnnstudy.run_kind"] == "study"]
     assert parent.data.params["study.sampler"] == "TPESampler"
     assert parent.data.params["study.n_trials"] == "2"

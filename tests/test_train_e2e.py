@@ -40,6 +40,8 @@ def test_summary_names_accuracy_params_time_and_run(trained):
     out = trained["stdout"]
     run_id = trained["run"].info.run_id
     assert "test/acc" in out and "params" in out and " s\n" in out and run_id in out
+    experiment = trained["run"].info.experiment_id  # a link, not a make target
+    assert f"See it: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}" in out
 
 
 def test_run_holds_metrics_per_epoch_and_final(trained):
