@@ -4,7 +4,6 @@ they were (`PRAGMA integrity_check`); signals at any moment: 130/143, no traceba
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -16,8 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from .conftest import BIN, run_cli
-from .test_study import TINY, runs_of, study, trials_of
+from .conftest import run_cli
+from .test_study import runs_of, study, study_command, trials_of
 
 pytestmark = pytest.mark.slow
 
@@ -141,18 +140,11 @@ def test_a_signal_at_any_moment_of_a_study_exits_128_plus_it_without_a_traceback
     tmp_path, signum, after
 ):
     """At start-up (imports), and a few seconds in (trials, summary)."""
+    argv, env = study_command(tmp_path, "hydra.sweeper.n_trials=6")
     proc = subprocess.Popen(
-        [
-            str(BIN / "cnnstudy-train"),
-            "-m",
-            "sweep=hidden_units",
-            *TINY,
-            "hydra.sweeper.n_trials=6",
-            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-            f"logger.artifact_location={tmp_path}/a",
-        ],
+        argv,
         cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PATH": str(BIN)},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -179,18 +171,9 @@ def test_a_full_disk_is_said_in_a_line_and_the_study_resumes_after(tmp_path):
 
     assert study(tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=1").returncode == 0
     limit = max((tmp_path / name).stat().st_size for name in ("optuna.db", "mlflow.db"))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    argv, env = study_command(tmp_path, "hydra.sweeper.n_trials=3")
     full = subprocess.run(
-        [
-            str(BIN / "cnnstudy-train"),
-            "-m",
-            "sweep=hidden_units",
-            *TINY,
-            "hydra.sweeper.n_trials=3",
-            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-            f"logger.artifact_location={tmp_path}/a",
-        ],
+        argv,
         cwd=tmp_path,
         env=env,
         capture_output=True,

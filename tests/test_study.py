@@ -53,6 +53,23 @@ def reproduce(where: Path, run_id: str) -> subprocess.CompletedProcess:
     )
 
 
+def study_command(where: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of `cnnstudy-train -m sweep=hidden_units` on the tiny budget, in its own
+    stores under `where`, for tests that start it in the background."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{where}/mlflow.db"
+    argv = [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        *TINY,
+        *args,
+        f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
+        f"logger.artifact_location={where}/a",
+    ]
+    return argv, env
+
+
 def trials_of(where: Path, name: str) -> list:
     """The study's trials, read under the storage's lock: a reader opening a new SQLite file
     while the study creates its tables would create them too (and one would crash)."""
@@ -464,17 +481,7 @@ class LongStudy:
 
     def __init__(self, where: Path, n_trials: int) -> None:
         self.where = where
-        self.env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        self.env["MLFLOW_TRACKING_URI"] = f"sqlite:///{where}/mlflow.db"
-        self.args = [
-            str(BIN / "cnnstudy-train"),
-            "-m",
-            "sweep=hidden_units",
-            *TINY,
-            f"hydra.sweeper.n_trials={n_trials}",
-            f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
-            f"logger.artifact_location={where}/a",
-        ]
+        self.args, self.env = study_command(where, f"hydra.sweeper.n_trials={n_trials}")
         self.proc = subprocess.Popen(
             [*self.args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
             cwd=where,
@@ -606,17 +613,7 @@ def test_n_jobs_runs_trials_in_parallel_processes_with_a_share_of_the_cores(tmp_
 
 
 def test_two_commands_started_at_once_on_a_new_study_share_exactly_n_trials(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [
-        str(BIN / "cnnstudy-train"),
-        "-m",
-        "sweep=hidden_units",
-        *TINY,
-        "hydra.sweeper.n_trials=5",
-        f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
-        f"logger.artifact_location={tmp_path}/a",
-    ]
+    args, env = study_command(tmp_path, "hydra.sweeper.n_trials=5")
     procs = [
         subprocess.Popen(
             args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -725,19 +722,12 @@ def test_an_interval_on_the_command_line_is_a_sampled_study_not_a_grid(tmp_path)
 
 def _parallel(where: Path, n_trials: int) -> tuple[subprocess.Popen, list[str]]:
     """A 2-process study of trials of a few seconds each, started in the background."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{where}/mlflow.db"
-    args = [
-        str(BIN / "cnnstudy-train"),
-        "-m",
-        "sweep=hidden_units",
-        *TINY,
+    args, env = study_command(
+        where,
         "trainer.max_epochs=150",  # seconds a trial: a kill lands mid-training
         f"hydra.sweeper.n_trials={n_trials}",
         "hydra.sweeper.n_jobs=2",
-        f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
-        f"logger.artifact_location={where}/a",
-    ]
+    )
     proc = subprocess.Popen(
         args, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
