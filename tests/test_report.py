@@ -165,7 +165,7 @@ def _report_text(page: Path) -> str:
 
 
 def _load(where: Path, name: str) -> optuna.Study:
-    from cnnstudy.run.store import store_lock
+    from cnnstudy.locks import store_lock
 
     url = f"sqlite:///{where}/optuna.db"
     with store_lock(url):

@@ -73,7 +73,7 @@ def study_command(where: Path, *args: str) -> tuple[list[str], dict[str, str]]:
 def trials_of(where: Path, name: str) -> list:
     """The study's trials, read under the storage's lock: a reader opening a new SQLite file
     while the study creates its tables would create them too (and one would crash)."""
-    from cnnstudy.run.store import store_lock
+    from cnnstudy.locks import store_lock
 
     url = f"sqlite:///{where}/optuna.db"
     with store_lock(url):
@@ -270,7 +270,7 @@ def test_a_hydra_optuna_sweeper_file_runs_with_only_the_sweeper_changed(tmp_path
 
 
 def study_names(where: Path) -> list[str]:
-    from cnnstudy.run.store import store_lock
+    from cnnstudy.locks import store_lock
 
     url = f"sqlite:///{where}/optuna.db"
     with store_lock(url):
@@ -321,7 +321,7 @@ def test_several_objectives_give_a_pareto_front(tmp_path):
     )
     (results,) = tmp_path.glob("multirun/*/*/results.yaml")
     front = yaml.safe_load(results.read_text())["pareto_front"]
-    from cnnstudy.run.store import store_lock
+    from cnnstudy.locks import store_lock
 
     url = f"sqlite:///{tmp_path}/optuna.db"
     with store_lock(url):

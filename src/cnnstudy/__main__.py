@@ -14,6 +14,7 @@ COMMANDS = {
     "report": "cnnstudy.study.report",
     "reproduce": "cnnstudy.run.reproduce",
     "ui": "cnnstudy.run.dashboard",
+    "services": "cnnstudy.services",  # make services: PostgreSQL and an MLflow server
 }
 
 

@@ -57,3 +57,8 @@ def quiet_libraries() -> None:
     # MLflow logs each database error with its traceback before raising it; the study
     # says the error once, in a line (cnnstudy.study.faults)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # a tracking server's client prints "View run ... at: URL" for every run it ends: the
+    # trial lines and the summary link the runs already
+    import os
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

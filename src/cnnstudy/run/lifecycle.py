@@ -31,10 +31,11 @@ _pending: list[int] = []  # signals received and not raised yet
 
 
 @contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Inside the block (main thread only), SIGINT and SIGTERM are noted, not acted on at
-    once; `raise_if_signalled()` raises Interrupted at the next safe point: between
-    batches, between the steps of a run, between trials. Raised at any bytecode instead,
+def signals_interrupt(preemption: bool = False) -> Iterator[None]:
+    """Inside the block (main thread only), SIGINT and SIGTERM (and with `preemption`,
+    SLURM's SIGUSR2 before a job's time limit) are noted, not acted on at once;
+    `raise_if_signalled()` raises Interrupted at the next safe point: between batches,
+    between the steps of a run, between trials. Raised at any bytecode instead,
     the exception could land inside a database write and leave its connection holding the
     SQLite lock, so that marking the run KILLED then waited on it. Blocks nest; one noted
     signal is raised once, by the innermost check that sees it; one still noted when the
@@ -47,7 +48,8 @@ def signals_interrupt() -> Iterator[None]:
         if not _pending:
             _pending.append(signum)
 
-    saved = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    noted = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR2,) if preemption else ()))
+    saved = {s: signal.signal(s, note) for s in noted}
     try:
         yield
         raise_if_signalled()

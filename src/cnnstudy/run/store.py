@@ -13,17 +13,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cnnstudy.errors import ConfigError
+from cnnstudy.locks import sqlite_path, store_lock  # noqa: F401 -- the store's lock
 from cnnstudy.redact import redact_text
 
 T = TypeVar("T")
@@ -48,18 +48,6 @@ _PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433, "h
 
 def tracking_uri(cfg: Any, explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or cfg.logger.tracking_uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (relative to the cwd), or None (not SQLite, or
-    an in-memory database)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    path = uri.removeprefix("sqlite:").removeprefix("//")
-    path = path.split("?", 1)[0]
-    if path in ("", "/", "/:memory:"):
-        return None
-    return Path(path[1:] if path.startswith("/") else path).resolve() if path else None
 
 
 def _where(uri: str) -> str:
@@ -151,23 +139,6 @@ def _can_create(uri: str, path: Path) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """An exclusive lock across processes on a SQLite store (a no-op for other stores)."""
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def serialized(uri: str, step: Callable[[], T]) -> T:
     """`step` (an MLflow call that looks up, then inserts) under the store's lock; on a
     server, retried once when another writer inserted the same thing first."""
@@ -196,6 +167,8 @@ def open_experiment(uri: str, name: str, artifact_location: str) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
+        if uri.startswith(("http:", "https:")):  # the server's artifact store (proxied)
+            return client.create_experiment(name)
         return client.create_experiment(name, artifact_location=artifact_uri(artifact_location))
 
     return serialized(uri, get_or_create)

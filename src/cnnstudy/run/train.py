@@ -562,7 +562,10 @@ def main() -> None:
     """cnnstudy-train. Exit codes: 0 done, 2 a user error (config, data files, store; in a
     multirun, any job's), 130 Ctrl-C, 143 SIGTERM (the run is marked KILLED)."""
     import logging
+    import os
 
+    # a tracking server's client prints "View run ... at:" itself; cnnstudy says "See it:"
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("hydra", "hydra._internal.core_plugins.basic_launcher"):
         logging.getLogger(name).addFilter(RedactingFilter())  # Hydra prints jobs' overrides
     shows = {"--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p"}

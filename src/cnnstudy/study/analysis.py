@@ -459,7 +459,11 @@ def analyse(study: Any) -> Analysis:
         counts=counts,
     )
     _bootstrap(settings, an.error, maximize)
-    enqueued = [t for t in trials if t.number == 0 and t.user_attrs.get("enqueued")]
+    enqueued = [  # trial 0, or its run again when its process died or was preempted
+        t
+        for t in trials
+        if t.user_attrs.get("enqueued") and (t.number == 0 or t.user_attrs.get("retry_of") == 0)
+    ]
     an.baseline = enqueued[0] if enqueued else None
     thin = [s.label for s in settings if len(s.values) < MIN_PER_SETTING]
     if len(settings) < 2 or thin:

@@ -29,11 +29,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cnnstudy.errors import ConfigError, Interrupted
+from cnnstudy.locks import store_lock
 from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.run.lifecycle import raise_if_signalled, signals_interrupt
-from cnnstudy.run.store import store_lock
-from cnnstudy.study import samplers, workers
+from cnnstudy.study import jobs, samplers, workers
 from cnnstudy.study import space as spaces
 from cnnstudy.study.balance import Balance
 from cnnstudy.study.faults import best_effort, explain
@@ -41,7 +41,7 @@ from cnnstudy.study.grid import Grid
 from cnnstudy.study.parent import close_parent_run, open_parent_run
 from cnnstudy.study.runs import end_trial_runs
 from cnnstudy.study.settings import Settings, check, check_storage
-from cnnstudy.study.storage import Heartbeat, mark_dead_trials, open_study
+from cnnstudy.study.storage import Heartbeat, mark_dead_trials, open_study, run_again
 from cnnstudy.study.summary import duration, finished_count, summarise, trial_line
 from cnnstudy.study.trial import Outcome, Tracking, TrialRunner
 
@@ -150,7 +150,7 @@ class StudyRunner:
                 "or sweeps on the command line (model.hidden_units=int(interval(16, 512)))"
             )
         threads = 0
-        if s.n_jobs > 1:  # each process trains with its share of the cores
+        if s.n_jobs > 1 and not jobs.is_submitit(self.config):  # each its share of the cores
             threads = max(1, workers.cores() // s.n_jobs)
             fixed["trainer.num_threads"] = str(threads)
         self.fixed = [f"{k}={v}" for k, v in fixed.items()]
@@ -220,6 +220,11 @@ class StudyRunner:
         sampler cannot use."""
         s = self.settings
         check_storage(s.storage_url)
+        if jobs.is_submitit(self.config):
+            from cnnstudy.run.store import tracking_uri
+            from cnnstudy.study.parent import run_config
+
+            jobs.check(self.config, s, s.storage_url, tracking_uri(run_config(self.config)))
         for params in s.enqueue or []:
             unknown = [k for k in dict(params) if k not in space and k not in self.fixed_values]
             if unknown:
@@ -250,7 +255,8 @@ class StudyRunner:
         self._mark_dead_trials()
         self.trials = TrialRunner(s, self.config, self.launcher, self.loader, self.fixed, tracking)
         client = mlflow.MlflowClient(tracking.uri)
-        if s.n_jobs > 1 and not workers.is_worker():
+        head = jobs.is_submitit(self.config) and not workers.is_worker()
+        if s.n_jobs > 1 and not workers.is_worker() and not head:
             self.workers = workers.start_workers(s.n_jobs - 1, threads)
         if workers.is_worker():
             workers.follow_driver()  # no worker outlives the command that started it
@@ -260,8 +266,11 @@ class StudyRunner:
             f"{tracking.parent_run_id}"
         )
         try:
-            with signals_interrupt():
-                self._loop(space, client)
+            with signals_interrupt(preemption=jobs.in_job()):
+                if head:
+                    self._head(client)
+                else:
+                    self._loop(space, client)
         except BaseException:
             workers.stop_workers(self.workers)
             raise
@@ -276,9 +285,16 @@ class StudyRunner:
                 raise ConfigError(f"{died}; run the same command to resume the study")
         from cnnstudy.run.lifecycle import mark_orphans
 
-        mark_orphans(tracking.uri, by=f"the study's driver (pid {os.getpid()})")
-        close_parent_run(tracking.uri, tracking.parent_run_id, "FINISHED")
-        self.parent_closed = True
+        # every process of the study that comes here closes and describes the parent run:
+        # one at a time (processes on other machines included)
+        with store_lock(self.url):
+            mark_orphans(tracking.uri, by=f"the study's driver (pid {os.getpid()})")
+            close_parent_run(tracking.uri, tracking.parent_run_id, "FINISHED")
+            self.parent_closed = True
+            return self._summarise(client)
+
+    def _summarise(self, client: Any) -> list[Any]:
+        s, study, tracking = self.settings, self.study, self.tracking
         return summarise(
             study,
             settings=s,
@@ -290,6 +306,61 @@ class StudyRunner:
             grid=self.grid,
             storage_url=self.url,
         )
+
+    def _head(self, client: Any) -> None:
+        """The head of a study run by worker jobs (jobs.py): submit them, say each trial
+        as it finishes, fail the trials of workers that died, until every job has ended."""
+        import sys
+
+        from optuna.trial import TrialState
+
+        study = self.study
+        if finished_count(study) >= self.target:
+            return  # the same command again: only the summary
+        said = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        submitted = jobs.submit(self.config, sys.argv[1:], study.study_name, self.settings.n_jobs)
+
+        def tick() -> None:
+            self._mark_dead_trials()
+            trials = study.get_trials(deepcopy=False)
+            ended = sorted(
+                (t for t in trials if t.state.is_finished()),
+                key=lambda t: (t.datetime_complete or datetime.datetime.max, t.number),
+            )
+            for k, trial in enumerate(ended):
+                if trial.number in said:
+                    continue
+                said.add(trial.number)
+                done = finished_count(study, ended[: k + 1])
+                state = trial.state.name
+                if state == "COMPLETE" and "rejected" in trial.user_attrs:
+                    state = "REJECTED"
+                seconds = 0.0
+                if trial.datetime_complete and trial.datetime_start:
+                    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+                told = Outcome(
+                    state,
+                    values=list(trial.values) if trial.state == TrialState.COMPLETE else None,
+                    reason=str(trial.user_attrs.get("fail_reason", "")),
+                    seconds=seconds,
+                )
+                trial_line(study, trial, told, client, self.tracking, f"{done}/{self.target}")
+
+        try:
+            jobs.wait(submitted, tick)
+        except BaseException:
+            jobs.cancel(submitted)  # Ctrl-C of the head: its workers stop too
+            raise
+        tick()
+        failed = jobs.failures(submitted)
+        if failed and finished_count(study) < self.target:
+            raise ConfigError(
+                f"{failed}; {finished_count(study)} of {self.target} trials finished. The "
+                "jobs' logs are in hydra.launcher.submitit_folder; run the same command to "
+                "resume the study"
+            )
+        if failed:
+            log.warning(f"cnnstudy: {failed}")
 
     def _progress(self) -> str:
         """`k/N` finished trials of the study, and the time left at this process's pace
@@ -326,8 +397,12 @@ class StudyRunner:
         study = self.study
         while True:
             with store_lock(self.url):
-                finished = finished_count(study)
-                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                # one read of the trials: counted in two, a trial told in between (tells
+                # are not under the lock) would be in neither count, and one trial too many
+                # would be asked
+                trials = study.get_trials(deepcopy=False)
+                finished = finished_count(study, trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
                 if finished >= self.target:
                     return None
                 more = finished + running < self.target
@@ -376,6 +451,9 @@ class StudyRunner:
                     outcome = self.trials.run(study, trial)
                 except Interrupted as stop:
                     self.trials.finish(study, trial, Outcome("FAIL", reason=f"stopped by {stop}"))
+                    if jobs.in_job():  # preempted, or at its time limit: the job is requeued
+                        with store_lock(self.url):  # and the trial runs again, here or not
+                            run_again(study, trial, preempted=True)
                     raise
                 except Exception as err:  # a fault of a store: the trial FAIL, the study stops
                     fault = self._fault(err)

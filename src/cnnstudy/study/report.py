@@ -425,7 +425,8 @@ def write_report(
 def _load(name: str, storage: str) -> Any:
     import optuna
 
-    from cnnstudy.run.store import check_store, store_lock
+    from cnnstudy.locks import store_lock
+    from cnnstudy.run.store import check_store
     from cnnstudy.study.storage import make_storage
 
     journal = storage.removeprefix("journal://")

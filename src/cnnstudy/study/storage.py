@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from cnnstudy.errors import ConfigError
+from cnnstudy.locks import store_lock
 from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
-from cnnstudy.run.store import store_lock
 
 log = get_log("study")
 
@@ -46,9 +46,10 @@ def make_storage(url: str) -> Any:
 
         path = url.removeprefix("journal://")
         return optuna.storages.JournalStorage(JournalFileBackend(path))
+    from cnnstudy.locks import engine_kwargs
     from cnnstudy.study.faults import LOCK_S
 
-    engine: dict[str, Any] = {}
+    engine = engine_kwargs(url)  # PostgreSQL: pool_pre_ping, the password from its file
     if url.startswith("sqlite"):  # another writer's lock: wait for it, up to LOCK_S
         engine = {"connect_args": {"timeout": LOCK_S}}
     return optuna.storages.RDBStorage(url, engine_kwargs=engine)
@@ -135,7 +136,35 @@ def open_study(url: str, name: str, directions: list[str], attrs: dict[str, Any]
         # apart (samplers.build_sampler)
         joined = int(study.user_attrs.get("cnnstudy.processes", 0))
         study.set_user_attr("cnnstudy.processes", joined + 1)
+        _one_machine_only(study, url)
     return study, joined
+
+
+def is_file_storage(url: str) -> bool:
+    """A SQLite file or a journal file: one machine's processes only."""
+    return url.startswith(("sqlite:", "journal://")) or (
+        "://" not in url and url.endswith((".log", ".journal", ".jsonl"))
+    )
+
+
+def _one_machine_only(study: Any, url: str) -> None:
+    """The machines that joined the study (`cnnstudy.hosts`). A SQLite or journal file on a
+    disk shared by several machines loses writes (file locks do not hold across network
+    file systems, nor does cnnstudy's lock): refused, naming PostgreSQL."""
+    import socket
+
+    host = socket.gethostname()
+    hosts = list(study.user_attrs.get("cnnstudy.hosts", []))
+    if host in hosts:
+        return
+    if hosts and is_file_storage(url):
+        raise ConfigError(
+            f"hydra.sweeper.storage={redact_text(url)}: the study was started on "
+            f"{', '.join(hosts)}, and this is {host}; a SQLite or journal file cannot be "
+            "shared by several machines. Use a database server: storage=postgres "
+            "(make services starts one; README: Services)"
+        )
+    study.set_user_attr("cnnstudy.hosts", [*hosts, host])
 
 
 def mark_dead_trials(
@@ -177,10 +206,14 @@ def mark_dead_trials(
             ended(trial, why)
         retries = int(trial.user_attrs.get("retries", 0))
         if retries < retry_failed and trial.params:
-            study.enqueue_trial(
-                dict(trial.params),
-                user_attrs={"retries": retries + 1, "retry_of": trial.number},
-            )
+            run_again(study, trial, retries=retries + 1)
+
+
+def run_again(study: Any, trial: Any, **attrs: Any) -> None:
+    """Queue the trial's parameters again (its process died, or its job was preempted):
+    the new trial names the old (`retry_of`) and stays the baseline if it was one."""
+    keep = {k: v for k, v in trial.user_attrs.items() if k == "enqueued"}
+    study.enqueue_trial(dict(trial.params), user_attrs={**keep, "retry_of": trial.number, **attrs})
 
 
 class Heartbeat:

@@ -10,19 +10,22 @@ from typing import Any
 from cnnstudy.errors import ConfigError
 from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
+from cnnstudy.run.store import serialized
 from cnnstudy.study.parent import describe_parent_run, landing_note
 from cnnstudy.study.trial import REJECTED, Outcome, Tracking, reproduce_command
 
 log = get_log("study")
 
 
-def finished_count(study: Any) -> int:
-    """Complete or pruned trials, not counting rejected architectures."""
+def finished_count(study: Any, trials: list[Any] | None = None) -> int:
+    """Complete or pruned trials (of `trials`, else of the study), not counting rejected
+    architectures."""
     from optuna.trial import TrialState
 
     done = (TrialState.COMPLETE, TrialState.PRUNED)
-    trials = study.get_trials(deepcopy=False, states=done)
-    return sum(REJECTED not in t.user_attrs for t in trials)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=done)
+    return sum(t.state in done and REJECTED not in t.user_attrs for t in trials)
 
 
 def best_trial(study: Any) -> Any:
@@ -59,16 +62,24 @@ def trial_line(
         value = f"{names[0]} {value}"
     done, _, eta = progress.partition("  ")
     line = f"trial {trial.number:>3}  {done:>5}  {outcome.state:<8} {value}".rstrip()
+    tags: dict[str, str] = {}
     if best is not None:
         line += f"  best {best.value:.4f} (trial {best.number})"
-        client.log_metric(parent, "best/value", best.value, step=trial.number)
-        client.set_tag(parent, "best.trial", str(best.number))
-        client.set_tag(parent, "best.params", json.dumps(best.params)[:5000])
+        tags = {"best.trial": str(best.number), "best.params": json.dumps(best.params)[:5000]}
     front = pareto_front(study)
     if front:
         numbers = ",".join(str(t.number) for t in front)
         line += f"  Pareto front: trials {numbers}"
-        client.set_tag(parent, "pareto.trials", numbers[:5000])
+        tags["pareto.trials"] = numbers[:5000]
+
+    def note_best() -> None:  # other workers note theirs at the same moment: serialized
+        for key, value in tags.items():
+            client.set_tag(parent, key, value)
+        if best is not None:
+            client.log_metric(parent, "best/value", best.value, step=trial.number)
+
+    if tags:
+        serialized(tracking.uri, note_best)
     line += f"  {outcome.seconds:.1f} s" + (f"  {eta}" if eta else "")
     if outcome.reason:
         line += f"  ({outcome.reason})"
