@@ -30,7 +30,8 @@ CASES = [
     (["optimizer.lr=fast"], ["optimizer.lr=fast", "positive number"]),
     (["optimizer.lr=null"], ["optimizer.lr=None", "positive number"]),
     (["trainer.devices=banana"], ["trainer.devices=banana", "valid: 1, auto"]),
-    (["trainer.devices=3"], ["trainer.devices=3", "one process", "DDP"]),
+    (["trainer.devices=0"], ["trainer.devices=0", "N > 1", "DDP"]),
+    (["trainer.devices=2", "trainer.strategy=ddp"], ["trainer.strategy=ddp", "ddp_spawn"]),
     (["trainer.limit_train_batches=0"], ["limit_train_batches=0", "cannot be skipped"]),
     (
         ["model=lenet5", "model.filters_per_stage=[8,16]"],

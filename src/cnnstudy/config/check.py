@@ -213,21 +213,50 @@ def _check_trainer(cfg: DictConfig) -> None:
         _fail("trainer.precision", t.precision, f"valid: {', '.join(PRECISIONS)}")
     if t.channels_last not in ("auto", True, False):
         _fail("trainer.channels_last", t.channels_last, "valid: auto, true, false")
-    devices = t.devices
-    if isinstance(devices, ListConfig):
-        devices = list(devices)
-    one = (
-        devices in (1, "1", "auto")
-        or (isinstance(devices, list) and len(devices) == 1 and isinstance(devices[0], int))
-        or (isinstance(devices, str) and devices.rstrip(",").isdigit() and devices.endswith(","))
-    )
-    if isinstance(devices, bool) or not one:
+    count = device_count(t.devices)
+    if count is None:
         _fail(
             "trainer.devices",
-            devices,
-            "valid: 1, auto, or one device index as a list ([0]); a run trains in one process "
-            "(multi-process training, DDP, is not designed yet)",
+            t.devices,
+            "valid: 1, auto, N > 1 (one run on N devices: DDP), or device indices as a list "
+            "([0] or [0, 1])",
         )
+    if t.strategy not in STRATEGIES:
+        _fail(
+            "trainer.strategy",
+            t.strategy,
+            f"valid: {', '.join(STRATEGIES)}. ddp re-runs the command in every process (under "
+            "-m, the whole study: Lightning #11300), and a fork after torch has started its "
+            "threads hangs: cnnstudy starts DDP's processes with spawn",
+        )
+    if count > 1 and t.accelerator == "mps":
+        _fail("trainer.devices", t.devices, "an Apple GPU is one device; valid with mps: 1")
+    if t.matmul_precision not in ("highest", "high", "medium"):
+        _fail("trainer.matmul_precision", t.matmul_precision, "valid: highest, high, medium")
+
+
+STRATEGIES = ("auto", "ddp_spawn")
+
+
+def device_count(devices: Any) -> int | None:
+    """How many processes train one run (`trainer.devices`), or None when not valid."""
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    if isinstance(devices, bool):
+        return None
+    if devices == "auto":
+        return 1
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        return devices if devices >= 1 else None
+    if isinstance(devices, str) and devices.endswith(","):  # Lightning's "0," form
+        parts = [p for p in devices.split(",") if p.strip()]
+        ok = parts and all(p.strip().isdigit() for p in parts)
+        return len(parts) if ok else None
+    if isinstance(devices, list) and devices and all(isinstance(d, int) for d in devices):
+        return len(devices) if len(set(devices)) == len(devices) else None
+    return None
 
 
 def _check_optimizer(cfg: DictConfig) -> None:

@@ -83,7 +83,11 @@ class DataConfig:
 class TrainerConfig:
     max_epochs: int = 3
     accelerator: str = "auto"  # cpu, gpu, auto: as Lightning's Trainer
+    # devices: 1, or N > 1 for one run trained by N processes (DDP: gloo on CPUs, NCCL on
+    # GPUs), started by `strategy`; [i] picks one device
     devices: Any = 1
+    strategy: str = "auto"  # auto: ddp_spawn with several devices; never a re-run of sys.argv
+    matmul_precision: str = "highest"  # float32 matmuls on GPUs: high allows TF32 (trainer=gpu)
     precision: str = (
         "auto"  # auto: bf16-mixed on GPUs with bf16, else 32-true; or Lightning's names
     )

@@ -54,24 +54,42 @@ class TensorBatches:
         channels_last: bool = False,
         shift: int = 0,
         flip: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.images, self.labels = split.images, split.labels
+        self.rank, self.world = rank, world
         self.batch_size = batch_size
         self.mean, self.std = mean, std
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.shift, self.flip = shift, flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    def _size(self) -> int:
+        """Images this process sees: with DDP (`world` processes), training shards are cut
+        to equal sizes (every process takes as many optimizer steps, each step's
+        gradients averaged across them); evaluation shards cover the split once."""
+        n = len(self.labels)
+        if self.world == 1:
+            return n
+        if self.shuffle:
+            return n // self.world
+        return len(range(self.rank, n, self.world))
+
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return math.ceil(self._size() / self.batch_size)
 
     def __iter__(self):
         images, labels = self.images, self.labels
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.shuffle:
+        if self.shuffle:  # the same order in every process: their shards are disjoint
             order = torch.randperm(len(labels), generator=generator).to(labels.device)
+            if self.world > 1:
+                order = order[: self._size() * self.world][self.rank :: self.world]
             images, labels = images[order], labels[order]
             self.epoch += 1
+        elif self.world > 1:
+            images, labels = images[self.rank :: self.world], labels[self.rank :: self.world]
         augment = self.shift > 0 or self.flip
         for start in range(0, len(labels), self.batch_size):
             x = images[start : start + self.batch_size]
@@ -136,6 +154,8 @@ class ImageDataModule(L.LightningDataModule):
             channels_last=self.channels_last,
             shift=self.cfg.augment_shift if train else 0,
             flip=self.cfg.augment_flip if train else False,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            world=self.trainer.world_size if self.trainer else 1,
         )
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):

@@ -7,12 +7,15 @@ as arguments (Lightning's style guide: keep the nn.Module apart from the system)
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from torch import nn
 from torch.nn import functional as F
 
@@ -196,3 +199,57 @@ class SignalCheck(L.Callback):
 
     def on_test_batch_end(self, *args: Any) -> None:
         self.check()
+
+
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich bar, showing the run's loss and accuracy (per epoch) instead of
+    the logger's version number."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class RankGuard(L.Callback):
+    """In each process of a DDP run (spawned by Lightning): end with the process that
+    started it, whatever kills that one (Linux's parent-death signal: SIGKILL, not
+    torch's SIGINT, which a process started in the background ignores), and train with
+    `threads` torch threads (default: this machine's cores shared among the processes)."""
+
+    def __init__(self, threads: int = 0, quiet: tuple[str, ...] = ()) -> None:
+        self.threads, self.quiet = threads, quiet  # warnings the run expects, silenced
+        self.parent = os.getpid()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if os.getpid() == self.parent:
+            return
+        import logging
+        import warnings
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the main says it
+        for pattern in self.quiet:
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != self.parent:  # the parent died before the line above
+                os._exit(1)
+        except (OSError, AttributeError):  # not Linux: torch's own SIGINT stays
+            pass
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        torch.set_num_threads(self.threads or max(1, cores // trainer.world_size))
+        import atexit
+
+        atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    """At a DDP process's exit: gloo's threads joined before the interpreter ends (left
+    running, one of them sometimes aborts the process, and the fit with it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

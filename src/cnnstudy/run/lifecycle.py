@@ -47,6 +47,8 @@ def signals_interrupt(preemption: bool = False) -> Iterator[None]:
     def note(signum: int, frame: Any) -> None:
         if not _pending:
             _pending.append(signum)
+        for hook in list(_on_signal):
+            hook()
 
     noted = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR2,) if preemption else ()))
     saved = {s: signal.signal(s, note) for s in noted}
@@ -56,6 +58,32 @@ def signals_interrupt(preemption: bool = False) -> Iterator[None]:
     finally:
         for s, old in saved.items():
             signal.signal(s, old)
+
+
+_on_signal: list[Any] = []  # called when a signal is noted (stop_ranks_on_signal)
+
+
+@contextlib.contextmanager
+def stop_ranks_on_signal(trainer: Any) -> Iterator[None]:
+    """A DDP fit's processes (spawned by Lightning, which waits on them in this process and
+    forwards nothing) are killed when SIGINT or SIGTERM arrives during it: they end at
+    once and the fit raises here, instead of training on to their last epoch. The noted
+    signal is then raised as Interrupted, the run marked KILLED."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+
+    def stop() -> None:
+        for process in getattr(launcher, "procs", None) or []:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+
+    _on_signal.append(stop)
+    try:
+        yield
+    except Exception:
+        raise_if_signalled()  # the ranks were stopped by the signal: Interrupted
+        raise
+    finally:
+        _on_signal.remove(stop)
 
 
 def raise_if_signalled() -> None:

@@ -29,9 +29,9 @@ from signal import SIGTERM
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cnnstudy.config.check import check, resolve
+from cnnstudy.config.check import check, device_count, resolve
 from cnnstudy.config.compose import CONFIG_DIR
 from cnnstudy.data.files import check_files
 from cnnstudy.errors import (
@@ -54,12 +54,14 @@ from cnnstudy.run.lifecycle import (
     process_tags,
     raise_if_signalled,
     signals_interrupt,
+    stop_ranks_on_signal,
 )
 from cnnstudy.run.tracking import record_setup, run_name, run_tags
 
 _EXPECTED_WARNINGS = (
     r".*is smaller than the logging interval",  # metrics are logged per epoch, not per step
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.14, harmless
+    r"It is recommended to use `self.log\(",  # DDP: the classifier sums across processes
 )
 
 
@@ -203,14 +205,23 @@ def optimizer_factories(cfg: DictConfig):
     partial = attempt(
         "scheduler", lambda: instantiate(cfg.scheduler, _partial_=True, _convert_="all")
     )
-    accepts = inspect.signature(partial.func).parameters
-
-    def scheduler(opt, total_steps: int):
-        length = {k: total_steps for k in ("total_steps", "T_max") if k in accepts}
-        return partial(opt, **length)
-
+    accepts = [
+        k for k in ("total_steps", "T_max") if k in inspect.signature(partial.func).parameters
+    ]
+    scheduler = SchedulerFactory(partial, accepts)
     attempt("scheduler", lambda: scheduler(dummy, 10))
     return optimizer, scheduler
+
+
+class SchedulerFactory:
+    """The scheduler of an optimizer, its length (total_steps, T_max) filled in from the
+    run's number of steps. A class, not a closure: DDP's processes receive it pickled."""
+
+    def __init__(self, partial: Any, lengths: list[str]) -> None:
+        self.partial, self.lengths = partial, lengths
+
+    def __call__(self, opt: Any, total_steps: int) -> Any:
+        return self.partial(opt, **{k: total_steps for k in self.lengths})
 
 
 @dataclass
@@ -238,6 +249,15 @@ def resolve_hardware(cfg: DictConfig) -> Hardware:
     if t.accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: no Apple GPU here; valid here: cpu, auto")
     gpu = t.accelerator in ("auto", "gpu", "cuda") and cuda
+    count = device_count(t.devices) or 1
+    if gpu and count > torch.cuda.device_count():
+        raise ConfigError(
+            f"trainer.devices={t.devices}: torch sees {torch.cuda.device_count()} GPU(s) here "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); valid: "
+            f"at most {torch.cuda.device_count()}, or trainer.accelerator=cpu"
+        )
+    if gpu:  # TF32 where the config allows it (trainer=gpu: high)
+        torch.set_float32_matmul_precision(t.matmul_precision)
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
@@ -275,21 +295,6 @@ def _cpu_kernels(cfg: DictConfig, hardware: Hardware) -> str:
     return "maxpool" if done.library is not None else f"torch's max pool: {done.status}"
 
 
-def _progress_bar():
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    class RunProgressBar(RichProgressBar):
-        """Lightning's rich bar, showing the run's loss and accuracy (per epoch) instead of
-        the logger's version number."""
-
-        def get_metrics(self, trainer, pl_module):
-            metrics = super().get_metrics(trainer, pl_module)
-            metrics.pop("v_num", None)
-            return metrics
-
-    return RunProgressBar(leave=True)
-
-
 def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[Any], root_dir: str):
     import lightning as L
 
@@ -298,11 +303,21 @@ def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[A
     # stopping (runs there are close, not bitwise equal; see cnnstudy-reproduce --tolerance).
     deterministic = "warn" if hardware.gpu and t.deterministic else t.deterministic
     if t.progress_bar:
-        callbacks = [*callbacks, _progress_bar()]
+        from cnnstudy.run.classifier import RunProgressBar
+
+        callbacks = [*callbacks, RunProgressBar(leave=True)]
+    devices = 1 if t.devices == "auto" else t.devices
+    strategy = "auto"
+    if (device_count(t.devices) or 1) > 1:  # DDP: processes spawned, never sys.argv re-run
+        from cnnstudy.run.classifier import RankGuard
+
+        strategy = "ddp_spawn" if t.strategy == "auto" else t.strategy
+        callbacks = [*callbacks, RankGuard(t.num_threads, _EXPECTED_WARNINGS)]
     return L.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
-        devices=1 if t.devices == "auto" else t.devices,  # one process (checked)
+        devices=devices,
+        strategy=strategy,
         precision=hardware.precision,
         deterministic=deterministic,
         limit_train_batches=t.limit_train_batches,
@@ -428,10 +443,17 @@ def train(
                 callbacks = [throughput, SignalCheck(raise_if_signalled), *request.callbacks]
                 trainer = _trainer(cfg, hardware, logger, callbacks, root_dir or os.getcwd())
                 fit_started = time.perf_counter()
-                trainer.fit(system, datamodule=datamodule)
+                with stop_ranks_on_signal(trainer):  # DDP: a signal stops every process
+                    trainer.fit(system, datamodule=datamodule)
                 fit_seconds = time.perf_counter() - fit_started
                 metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-                for result in trainer.test(system, datamodule=datamodule, verbose=False):
+                for callback in request.callbacks:  # a DDP trial pruned in its processes
+                    getattr(callback, "raise_if_stopped", lambda: None)()
+                tester = trainer
+                if trainer.world_size > 1:  # the test set in this process, on one device
+                    one = OmegaConf.merge(cfg, {"trainer": {"devices": 1, "progress_bar": False}})
+                    tester = _trainer(one, hardware, logger, [], root_dir or os.getcwd())
+                for result in tester.test(system, datamodule=datamodule, verbose=False):
                     metrics.update({k: float(v) for k, v in result.items()})
                 metrics["time/fit_s"] = fit_seconds
                 mlflow.log_metric("time/fit_s", fit_seconds)

@@ -1,0 +1,267 @@
+"""Studies beyond one process: many workers on one PostgreSQL study, the MLflow tracking
+server, worker jobs through Hydra's submitit launcher (submitit_local), preemption.
+
+Against the real servers `make services` starts on 127.0.0.1 (`make test` starts them).
+CNNSTUDY_REQUIRE_SERVICES=1 (set by .ci/run): in CI they must be there, and these tests
+fail instead of skipping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from .conftest import BIN, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = (
+    "trainer=smoke",
+    "logger.log_model=false",
+    "logger.log_images=false",
+    "trainer.num_threads=1",
+    "hydra.sweeper.report=false",
+)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, str]:
+    """The URLs of the running services, or a skip (a failure in CI) naming make services."""
+    from cnnstudy import services as s
+    from cnnstudy.errors import ConfigError
+    from cnnstudy.run.store import check_store
+
+    try:
+        check_store(s.optuna_url(), create=False)
+        if not s.healthy():
+            raise ConfigError(f"no MLflow tracking server answers at {s.mlflow_url()}")
+        if s.db_password() is None:
+            raise ConfigError(f"no database password in {s.password_file()}")
+    except ConfigError as err:
+        if os.environ.get("CNNSTUDY_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"CNNSTUDY_REQUIRE_SERVICES=1 but {err}", pytrace=False)
+        pytest.skip(f"services not running ({err}); start them: make services")
+    return {"storage": s.optuna_url(), "tracking": s.mlflow_url(), "password": s.db_password()}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def cluster_command(name: str, *args: str) -> list[str]:
+    """`cnnstudy-train -m sweep=hidden_units` on PostgreSQL and the tracking server, in an
+    experiment of its own."""
+    return [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        "storage=postgres",
+        "logger=server",
+        f"hydra.sweeper.study_name={name}",
+        f"logger.experiment_name={name}",
+        *TINY,
+        *args,
+    ]
+
+
+def _start(where: Path, argv: list[str], tag: str) -> subprocess.Popen:
+    out = open(where / f"{tag}.out", "w")
+    return subprocess.Popen(
+        argv, cwd=where, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _output(where: Path, tag: str) -> str:
+    return (where / f"{tag}.out").read_text()
+
+
+def _study(services: dict[str, str], name: str) -> optuna.Study:
+    from cnnstudy.study.storage import make_storage
+
+    return optuna.load_study(study_name=name, storage=make_storage(services["storage"]))
+
+
+def _runs(services: dict[str, str], name: str) -> list:
+    client = mlflow.MlflowClient(services["tracking"])
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _finished(trials: list) -> list:
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def _name(what: str) -> str:
+    return f"{what}-{uuid.uuid4().hex[:8]}"
+
+
+def test_four_workers_started_at_once_run_exactly_n_trials_under_one_parent(tmp_path, services):
+    name = _name("four")
+    argv = cluster_command(name, "hydra.sweeper.n_trials=8")
+    workers = [_start(tmp_path, argv, f"w{k}") for k in range(4)]
+    codes = [w.wait(timeout=400) for w in workers]
+    assert codes == [0, 0, 0, 0], [_output(tmp_path, f"w{k}")[-2000:] for k in range(4)]
+    trials = _study(services, name).get_trials(deepcopy=False)
+    assert len(_finished(trials)) == 8 and len(trials) == 8
+    assert sorted(t.number for t in trials) == list(range(8))
+    runs = _runs(services, name)
+    parents = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(int(r.data.tags["cnnstudy.trial"]) for r in children) == list(range(8))
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # the workers shared the study: more than one process ran its trials
+    pids = {t.system_attrs["cnnstudy:process"]["pid"] for t in trials}
+    assert len(pids) > 1
+    for k in range(4):  # each worker tells the whole story at the end
+        assert "best: trial" in _output(tmp_path, f"w{k}")
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_failed_and_retried_by_another(tmp_path, services):
+    name = _name("kill")
+    argv = cluster_command(
+        name, "hydra.sweeper.n_trials=4", "hydra.sweeper.retry_failed=1", "trainer.max_epochs=60"
+    )
+    victim = _start(tmp_path, argv, "victim")
+    study = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the victim's first trial is training
+        time.sleep(0.5)
+        try:
+            study = _study(services, name)
+        except KeyError:
+            continue
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        training = [
+            r
+            for r in _runs(services, name)
+            if r.data.tags.get("cnnstudy.run_kind") == "trial" and r.info.status == "RUNNING"
+        ]
+        if running and training:  # its trial's run exists: the kill lands mid-training
+            time.sleep(1.0)
+            break
+    (killed,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    other = _start(tmp_path, argv, "other")
+    assert other.wait(timeout=400) == 0, _output(tmp_path, "other")[-3000:]
+    trials = study.get_trials(deepcopy=False)
+    dead = [t for t in trials if t.number == killed.number][0]
+    assert dead.state == TrialState.FAIL
+    assert "process" in dead.user_attrs["fail_reason"]
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params
+    assert retried[0].state == TrialState.COMPLETE
+    assert len(_finished(trials)) == 4
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    runs = _runs(services, name)
+    assert {r.info.status for r in runs} <= {"FINISHED", "FAILED", "KILLED"}, [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
+    assert f"trial {killed.number}: marked FAIL" in _output(tmp_path, "other")
+
+
+def test_submitit_local_workers_complete_the_study_and_a_preempted_one_is_requeued(
+    tmp_path, services
+):
+    name = _name("jobs")
+    argv = cluster_command(
+        name,
+        "hydra/launcher=submitit_local",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=5",
+        "trainer.max_epochs=40",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    )
+    head = _start(tmp_path, argv, "head")
+    deadline = time.monotonic() + 180
+    preempted = None
+    while time.monotonic() < deadline and preempted is None:
+        time.sleep(0.5)
+        try:
+            study = _study(services, name)
+        except KeyError:
+            continue
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            process = trial.system_attrs.get("cnnstudy:process")
+            started = trial.datetime_start
+            if process and started and time.time() - started.timestamp() > 1.5:
+                os.kill(int(process["pid"]), signal.SIGUSR2)  # SLURM's warning signal
+                preempted = trial
+                break
+    assert preempted is not None, _output(tmp_path, "head")[-3000:]
+    assert head.wait(timeout=400) == 0, _output(tmp_path, "head")[-3000:]
+    trials = _study(services, name).get_trials(deepcopy=False)
+    assert len(_finished(trials)) == 5
+    stopped = [t for t in trials if t.number == preempted.number][0]
+    assert stopped.state == TrialState.FAIL
+    again = [t for t in trials if t.user_attrs.get("retry_of") == preempted.number]
+    assert len(again) == 1 and again[0].user_attrs.get("preempted") is True
+    assert again[0].params == preempted.params
+    runs = _runs(services, name)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    parents = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    said = _output(tmp_path, "head")
+    assert "2 worker job(s) submitted" in said and "best: trial" in said
+    assert "(stopped by SIGUSR2)" in said
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
+    assert "preempted" in logs  # submitit's own word: it requeued the job
+    # the same command again only summarises: nothing is submitted
+    again_head = run_cli("cnnstudy-train", *argv[1:], cwd=tmp_path, env=_env(), timeout=300)
+    assert again_head.returncode == 0, again_head.stderr[-2000:]
+    assert "submitted" not in again_head.stdout + again_head.stderr
+    assert "best: trial" in again_head.stdout
+
+
+def test_artifacts_go_to_the_servers_store_and_no_password_is_written_anywhere(tmp_path, services):
+    from cnnstudy.services import state_dir
+
+    name = _name("secret")
+    done = run_cli(
+        "cnnstudy-train",
+        "storage=postgres",
+        "logger=server",
+        f"logger.experiment_name={name}",
+        "trainer=smoke",
+        "logger.log_images=false",
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = _runs(services, name)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    stored = state_dir() / "mlartifacts" / run.info.experiment_id / run.info.run_id
+    assert (stored / "artifacts" / "config.yaml").is_file()
+    assert not (tmp_path / "mlartifacts").exists()  # nothing in the client's folder
+    study = run_cli(
+        "cnnstudy-train",
+        *cluster_command(name, "hydra.sweeper.n_trials=2", "hydra.sweeper.report=true")[1:],
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert study.returncode == 0, study.stderr[-3000:]
+    password = services["password"]
+    seen = [done.stdout, done.stderr, study.stdout, study.stderr]
+    seen += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    seen += [p.read_text(errors="replace") for p in stored.parent.rglob("*") if p.is_file()]
+    for r in _runs(services, name):
+        seen.append(json.dumps([r.data.params, r.data.tags, r.data.metrics]))
+    loaded = _study(services, name)
+    seen.append(json.dumps(loaded.user_attrs, default=str))
+    seen.append((state_dir() / "mlflow-server.log").read_text(errors="replace"))
+    assert not [text for text in seen if password in text]
+    assert (tmp_path / "multirun").exists() and list(tmp_path.rglob(".hydra/config.yaml"))
