@@ -27,6 +27,7 @@ import yaml
 
 BIN = Path(sys.executable).parent
 BUDGET = ["trainer=smoke", "logger.log_model=false", "trainer.num_threads=1"]
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true"}  # as cnnstudy's commands set it, in both
 
 
 def run_study(where: Path, trials: int, extra: list[str] = ()) -> tuple[float, dict]:
@@ -40,7 +41,7 @@ def run_study(where: Path, trials: int, extra: list[str] = ()) -> tuple[float, d
         *BUDGET,
         *extra,
     ]
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{where}/mlflow.db", "PATH": str(BIN)}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{where}/mlflow.db", "PATH": str(BIN), **QUIET}
     started = time.perf_counter()
     done = subprocess.run(args, cwd=where, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -72,7 +73,7 @@ def run_direct(where: Path) -> float:
         cwd=where,
         capture_output=True,
         text=True,
-        env={"PATH": str(BIN)},
+        env={"PATH": str(BIN), **QUIET},
     )
     if done.returncode != 0:
         sys.exit(done.stderr[-3000:])

@@ -265,3 +265,56 @@ def test_artifacts_go_to_the_servers_store_and_no_password_is_written_anywhere(t
     seen.append((state_dir() / "mlflow-server.log").read_text(errors="replace"))
     assert not [text for text in seen if password in text]
     assert (tmp_path / "multirun").exists() and list(tmp_path.rglob(".hydra/config.yaml"))
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (["hydra.sweeper.storage=sqlite:///optuna.db"], ["SQLite", "storage=postgres"]),
+        (
+            [
+                "hydra.sweeper.storage=postgresql+psycopg://u@127.0.0.1:1/x",
+                "logger.tracking_uri=sqlite:///m.db",
+            ],
+            ["logger.tracking_uri=sqlite:///m.db", "logger=server"],
+        ),
+        (
+            ["storage=postgres", "logger=server", "hydra.launcher.tasks_per_node=2"],
+            ["hydra.launcher.tasks_per_node=2", "Valid: 1"],
+        ),
+        (["storage=postgres", "logger=server"], ["sbatch", "submitit_local"]),
+    ],
+)
+def test_what_cannot_work_on_slurm_is_said_before_anything_is_created(tmp_path, given, said):
+    done = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "sweep=hidden_units",
+        "hydra/launcher=submitit_slurm",
+        *given,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},  # no sbatch here
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert all(s in done.stderr for s in said), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.rglob("*.db")) and not list(tmp_path.rglob(".submitit"))
+
+
+def test_a_sqlite_study_joined_from_a_second_machine_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="hidden_units", storage=url, direction="maximize")
+    study.set_user_attr("cnnstudy.hosts", ["another-machine"])
+    done = run_cli(
+        "cnnstudy-train",
+        "-m",
+        "sweep=hidden_units",
+        *TINY,
+        f"hydra.sweeper.storage={url}",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "another-machine" in done.stderr and "storage=postgres" in done.stderr
+    assert not study.trials

@@ -91,6 +91,9 @@ def console_script(main: Callable[[], Any]) -> Callable[[], None]:
         from cnnstudy.redact import RedactingStream
 
         sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+        # MLflow 3 sends usage telemetry from every client call by default: off here (runs
+        # stay on this machine and its servers); MLFLOW_DISABLE_TELEMETRY=false turns it on
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         try:
             main()
             code: Any = 0

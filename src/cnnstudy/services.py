@@ -229,7 +229,11 @@ def start_mlflow() -> None:
         "--workers",
         os.environ.get("CNNSTUDY_MLFLOW_WORKERS", "2"),
     ]
-    env = {**os.environ, "PGPASSWORD": db_password(create=True) or ""}
+    env = {
+        **os.environ,
+        "PGPASSWORD": db_password(create=True) or "",
+        "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+    }
     with open(log, "ab") as out:
         server = subprocess.Popen(
             command,

@@ -74,7 +74,15 @@ def check(config: Any, settings: Any, storage_url: str, tracking_uri: str) -> No
         raise ConfigError(
             f"hydra.launcher.tasks_per_node={tasks}: each worker job is one process that "
             "runs trials; a trial on several devices starts its own processes "
-            "(trainer.devices=N on one node). Valid: 1"
+            "(trainer.devices=N on one node, with hydra.launcher.gpus_per_node=N). Valid: 1"
+        )
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        raise ConfigError(
+            "hydra/launcher=submitit_slurm: SLURM's sbatch is not on this machine's PATH. Run "
+            "the command on a SLURM login node, or run the workers here: "
+            "hydra/launcher=submitit_local"
         )
 
 

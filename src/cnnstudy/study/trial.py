@@ -77,6 +77,28 @@ def tell(study: Any, trial: Any, told: Any) -> bool:
     return False
 
 
+def _compose_once(loader: Any) -> None:
+    """A trial's config is composed for its shape check, then again by the launcher for its
+    job, with the same overrides: Hydra composes it once (a fifth of a trial's fixed
+    cost, measured with benchmarks/sweeper.py), and the launcher takes the config composed
+    for the check, which nothing else holds. Other overrides compose anew."""
+    if getattr(loader, "cnnstudy_compose_once", False):
+        return
+    compose = loader.load_sweep_config
+    kept: dict[tuple[str, ...], Any] = {}  # the last config composed, until it is taken
+
+    def load_sweep_config(master_config: Any, sweep_overrides: list[str]) -> Any:
+        key = tuple(sweep_overrides)
+        if key in kept:
+            return kept.pop(key)
+        kept.clear()
+        kept[key] = compose(master_config, sweep_overrides)
+        return kept[key]
+
+    loader.load_sweep_config = load_sweep_config
+    loader.cnnstudy_compose_once = True
+
+
 def reproduce_command(fixed: list[str], trial: Any) -> str:
     """The cnnstudy-train command that trains this trial's configuration again."""
     params = [f"{k}={spaces.override_value(v)}" for k, v in trial.params.items()]
@@ -99,6 +121,7 @@ class TrialRunner:
         self.launcher, self.loader = launcher, loader
         self.fixed, self.tracking = fixed, tracking
         self.job_idx = 0
+        _compose_once(loader)
 
     def overrides(self, trial: Any) -> list[str]:
         return [

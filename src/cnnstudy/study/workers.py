@@ -25,18 +25,46 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
+def gpus() -> list[str]:
+    """This machine's CUDA GPUs, as CUDA_VISIBLE_DEVICES names them (without importing
+    torch: the driver has not trained yet)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [g.strip() for g in given.split(",") if g.strip() and g.strip() != "-1"]
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(k) for k, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
+
+
 def start_workers(count: int, threads: int) -> list[subprocess.Popen]:
-    """`count` processes of this command, each training with `threads` torch threads."""
+    """`count` processes of this command, each training with `threads` torch threads.
+    With GPUs, one trial per GPU: process k (the driver is 0) sees GPU k only (modulo
+    their number)."""
     env = {
         **os.environ,
         WORKER_ENV: "1",
         DRIVER_ENV: str(os.getpid()),
         "OMP_NUM_THREADS": str(threads),
     }
+    devices = gpus()
+    if devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]  # the driver's, before CUDA starts
     # the command as it was started (a console script or python -m cnnstudy), unchanged:
     # the study's name is its overrides; each worker sets its threads as the driver does
     command = list(sys.orig_argv)
-    return [subprocess.Popen(command, env=env) for _ in range(count)]
+    started = []
+    for k in range(1, count + 1):
+        own = {"CUDA_VISIBLE_DEVICES": devices[k % len(devices)]} if devices else {}
+        started.append(subprocess.Popen(command, env={**env, **own}))
+    return started
 
 
 def stop_workers(workers: list[subprocess.Popen]) -> None:

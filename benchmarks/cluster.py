@@ -1,0 +1,243 @@
+"""Studies on the servers `make services` starts, against the same on SQLite files.
+
+    make services && .venv/bin/python benchmarks/cluster.py
+    .venv/bin/python benchmarks/cluster.py --trials 24 --workers 1 2 4
+    .venv/bin/python benchmarks/cluster.py --only ask      # one part: rates, server, ask, start
+
+1. rates: trials per minute with 1, 2 and 4 cooperating `cnnstudy-train -m` processes
+   (started at once, one torch thread each) on one PostgreSQL study, against the same on
+   one SQLite study; minimal trials (two batches), the MLflow store a SQLite file in both.
+2. server: a trial's cost with the MLflow tracking server against a SQLite MLflow store,
+   one process, N minimal trials, the Optuna storage a SQLite file in both.
+3. ask: the study loop's own steps per trial (the storage lock, one read of the trials, a
+   TPE ask over the hidden-units space, the tell), no training, at trial 20 against trial
+   200, on PostgreSQL and on SQLite.
+4. start: from a worker's process start to its first trial's start, per storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+BUDGET = [
+    "trainer=smoke",
+    "logger.log_model=false",
+    "logger.log_images=false",
+    "trainer.num_threads=1",
+    "hydra.sweeper.report=false",
+]
+
+
+def services() -> tuple[str, str]:
+    from cnnstudy import services as s
+    from cnnstudy.errors import ConfigError
+    from cnnstudy.run.store import check_store
+
+    try:
+        check_store(s.optuna_url(), create=False)
+    except ConfigError as err:
+        sys.exit(f"{err}\nStart the services first: make services")
+    if not s.healthy():
+        sys.exit(f"no MLflow tracking server at {s.mlflow_url()}: make services")
+    return s.optuna_url(), s.mlflow_url()
+
+
+def study_processes(
+    where: Path, storage: str, tracking: str, trials: int, workers: int, name: str
+) -> tuple[float, list[float]]:
+    """`workers` processes of one study started at once: the wall time until the last
+    ends, and each process's start time (perf_counter)."""
+    argv = [
+        str(BIN / "cnnstudy-train"),
+        "-m",
+        "sweep=hidden_units",
+        f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.n_trials={trials}",
+        f"hydra.sweeper.storage={storage}",
+        f"logger.experiment_name={name}",
+        f"logger.artifact_location={where}/a",
+        *BUDGET,
+    ]
+    env = {"MLFLOW_TRACKING_URI": tracking, "PATH": str(BIN), "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    procs, starts = [], []
+    for _ in range(workers):
+        starts.append(time.time())
+        procs.append(
+            subprocess.Popen(
+                argv,
+                cwd=where,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(out[-3000:])
+    return time.perf_counter() - started, starts
+
+
+def _trials(storage: str, name: str) -> list:
+    import optuna
+
+    from cnnstudy.study.storage import make_storage
+
+    return optuna.load_study(study_name=name, storage=make_storage(storage)).get_trials()
+
+
+def _drop(storage: str, name: str) -> None:
+    import optuna
+
+    from cnnstudy.study.storage import make_storage
+
+    optuna.delete_study(study_name=name, storage=make_storage(storage))
+
+
+def rates(pg: str, trials: int, counts: list[int]) -> list[tuple[str, int, float]]:
+    rows = []
+    for label in ("PostgreSQL", "SQLite"):
+        for workers in counts:
+            with tempfile.TemporaryDirectory() as tmp:
+                where = Path(tmp)
+                storage = pg if label == "PostgreSQL" else f"sqlite:///{where}/optuna.db"
+                name = f"bench-{uuid.uuid4().hex[:8]}"
+                seconds, _ = study_processes(
+                    where, storage, f"sqlite:///{where}/mlflow.db", trials, workers, name
+                )
+                done = [t for t in _trials(storage, name) if t.state.name == "COMPLETE"]
+                assert len(done) == trials, f"{len(done)} trials, not {trials}"
+                if label == "PostgreSQL":
+                    _drop(storage, name)
+            rows.append((label, workers, trials / seconds * 60))
+            print(
+                f"{label:<10} {workers} worker(s): {trials} trials in {seconds:5.1f} s, "
+                f"{trials / seconds * 60:5.1f} trials/min",
+                flush=True,
+            )
+    return rows
+
+
+def server(mlflow_url: str, trials: int) -> None:
+    seconds = {}
+    for label in ("SQLite file", "tracking server"):
+        with tempfile.TemporaryDirectory() as tmp:
+            where = Path(tmp)
+            tracking = mlflow_url if label == "tracking server" else f"sqlite:///{where}/mlflow.db"
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            # one trial first, so that both measure the same warm process
+            wall, _ = study_processes(
+                where, f"sqlite:///{where}/optuna.db", tracking, trials, 1, name
+            )
+            seconds[label] = wall
+            print(
+                f"MLflow on a {label:<15}: {trials} trials in {wall:5.1f} s, "
+                f"{wall / trials:.3f} s/trial",
+                flush=True,
+            )
+    extra = (seconds["tracking server"] - seconds["SQLite file"]) / trials
+    print(
+        f"the tracking server costs {extra * 1000:+.0f} ms a trial "
+        f"(server / SQLite: {seconds['tracking server'] / seconds['SQLite file']:.2f}x)"
+    )
+
+
+def ask_tell(pg: str, upto: int = 210) -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+    from optuna.trial import TrialState
+
+    from cnnstudy.locks import store_lock
+    from cnnstudy.study.storage import open_study
+    from cnnstudy.study.summary import finished_count
+
+    space = {
+        "model.hidden_units": IntDistribution(16, 512, log=True),
+        "optimizer.lr": FloatDistribution(1e-4, 1e-1, log=True),
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ratios = {}
+    for label in ("PostgreSQL", "SQLite"):
+        with tempfile.TemporaryDirectory() as tmp:
+            url = pg if label == "PostgreSQL" else f"sqlite:///{tmp}/optuna.db"
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            study, _ = open_study(
+                url, name, ["maximize"], {"search_space": "bench", "objective": ["val/acc"]}
+            )
+            study.sampler = optuna.samplers.TPESampler(seed=0)
+            costs = []
+            for _ in range(upto):
+                started = time.perf_counter()
+                with store_lock(url):  # as the study loop asks (loop.StudyRunner._ask)
+                    trials = study.get_trials(deepcopy=False)
+                    finished_count(study, trials)
+                    sum(t.state == TrialState.RUNNING for t in trials)
+                    trial = study.ask(fixed_distributions=space)
+                value = 1 - abs(trial.params["model.hidden_units"] - 200) / 512
+                study.tell(trial, value)
+                costs.append(time.perf_counter() - started)
+            if label == "PostgreSQL":
+                _drop(url, name)
+        at20 = statistics.median(costs[15:25])
+        at200 = statistics.median(costs[195:205])
+        ratios[label] = at200 / at20
+        print(
+            f"ask + tell on {label:<10}: {at20 * 1000:6.1f} ms at trial 20, "
+            f"{at200 * 1000:6.1f} ms at trial 200: {at200 / at20:.2f}x (goal: at most 2x)"
+        )
+
+
+def start(pg: str) -> None:
+    for label in ("PostgreSQL", "SQLite"):
+        with tempfile.TemporaryDirectory() as tmp:
+            where = Path(tmp)
+            storage = pg if label == "PostgreSQL" else f"sqlite:///{where}/optuna.db"
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            _, starts = study_processes(where, storage, f"sqlite:///{where}/mlflow.db", 1, 1, name)
+            (trial,) = _trials(storage, name)
+            asked = trial.datetime_start.timestamp() - starts[0]
+            told = trial.datetime_complete.timestamp() - starts[0]
+            print(
+                f"a worker on {label:<10}: its first trial asked {asked:5.2f} s after its "
+                f"process started, told {told:5.2f} s after (a two-batch trial)",
+                flush=True,
+            )
+            if label == "PostgreSQL":
+                _drop(storage, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--only", choices=("rates", "server", "ask", "start"))
+    args = parser.parse_args()
+    pg, mlflow_url = services()
+    if args.only in (None, "start"):
+        start(pg)
+    if args.only in (None, "ask"):
+        ask_tell(pg)
+    if args.only in (None, "server"):
+        server(mlflow_url, args.trials)
+    if args.only in (None, "rates"):
+        rows = rates(pg, args.trials, args.workers)
+        base = {label: rate for label, workers, rate in rows if workers == 1}
+        for label, workers, rate in rows:
+            print(f"{label:<10} {workers} worker(s): {rate / base[label]:.2f}x one worker")
+        for workers in args.workers:
+            by = {label: rate for label, w, rate in rows if w == workers}
+            print(f"{workers} worker(s): PostgreSQL / SQLite {by['PostgreSQL'] / by['SQLite']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
