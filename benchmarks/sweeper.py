@@ -4,6 +4,8 @@ and trials per minute with 1 and 2 worker processes.
     .venv/bin/python benchmarks/sweeper.py                 # 20 trials
     .venv/bin/python benchmarks/sweeper.py --trials 200    # sampler + storage at trial 200
     .venv/bin/python benchmarks/sweeper.py --parallel      # n_jobs=1 against n_jobs=2
+    .venv/bin/python benchmarks/sweeper.py --components    # a trial's fixed cost, per part
+    .venv/bin/python benchmarks/sweeper.py --components --tracking http://127.0.0.1:5050
 
 (s) `cnnstudy-train -m sweep=hidden_units` with a minimal training budget (two batches,
 one validation batch), SQLite storage; (d) a fresh process making the same trials'
@@ -102,13 +104,105 @@ def parallel(trials: int) -> None:
     print(f"2 workers / 1 worker: {rates[2] / rates[1]:.2f} (goal: at least 1.6)")
 
 
+COMPONENTS = """
+import collections, functools, os, sys, time
+where, trials, tracking = sys.argv[1], sys.argv[2], sys.argv[3]
+spent = collections.defaultdict(float)
+calls = collections.Counter()
+trials_done = [0]
+
+def timed(owner, name, label):
+    inner = getattr(owner, name)
+    @functools.wraps(inner)
+    def wrapper(*args, **kwargs):
+        counted = trials_done[0] >= 1  # the first trial pays for imports: left out
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            if counted:
+                spent[label] += time.perf_counter() - started
+                calls[label] += 1
+            if label.startswith("trial"):
+                trials_done[0] += 1
+    setattr(owner, name, wrapper)
+
+import hydra._internal.core_plugins.basic_launcher as basic
+import hydra.core.utils as hydra_utils
+import lightning as L
+import mlflow
+import cnnstudy.data.batches as batches
+import cnnstudy.run.train as train_module
+import cnnstudy.run.tracking as tracking_module
+import cnnstudy.study.loop as loop
+import cnnstudy.study.trial as trial_module
+import cnnstudy.study.summary as summary
+timed(trial_module.TrialRunner, "run", "trial (all of it)")
+timed(trial_module.TrialRunner, "job_config", "compose + shape check config (Hydra)")
+timed(hydra_utils, "_save_config", "Hydra job: .hydra/*.yaml")
+timed(train_module, "train", "train() (all of it)")
+timed(L.Trainer, "fit", "Lightning fit (2 batches + 1 val batch)")
+timed(L.Trainer, "test", "Lightning test (1 batch)")
+timed(mlflow, "start_run", "MLflow start_run")
+timed(train_module, "record_setup", "MLflow params, config and plan")
+timed(train_module.store, "open_experiment", "MLflow experiment look-up")
+timed(train_module, "mark_orphans", "MLflow orphan check")
+timed(batches.ImageDataModule, "prepare", "data: load splits (cached)")
+timed(loop.StudyRunner, "_ask", "Optuna ask (under the lock)")
+timed(trial_module.TrialRunner, "finish", "Optuna tell + trial attributes")
+timed(loop, "trial_line", "trial line + parent run's best")
+timed(trial_module, "end_runs", "MLflow end runs")
+sys.argv = ["cnnstudy-train", "-m", "sweep=hidden_units", f"hydra.sweeper.n_trials={trials}",
+            f"hydra.sweeper.storage=sqlite:///{where}/optuna.db",
+            f"logger.artifact_location={where}/a", "trainer=smoke", "logger.log_model=false",
+            "trainer.num_threads=1", "hydra.sweeper.report=false", "logger.log_images=false",
+            f"logger.experiment_name=components-{os.getpid()}"]
+os.environ["MLFLOW_TRACKING_URI"] = tracking
+from cnnstudy.run.train import main
+try:
+    main()
+except SystemExit:
+    pass
+n = calls["trial (all of it)"]
+print(f"per trial, mean over {n} trials after the first (wall clock, no profiler):")
+for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+    print(f"  {label:42s} {seconds / n * 1000:8.1f} ms  ({calls[label]} calls)")
+"""
+
+
+def components(trials: int, tracking: str | None) -> None:
+    """A study run in this benchmark's child process with a wall-clock timer around each
+    part of a trial: what a trial costs besides its epochs, part by part."""
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = tracking or f"sqlite:///{tmp}/mlflow.db"
+        done = subprocess.run(
+            [sys.executable, "-c", COMPONENTS, tmp, str(trials), uri],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            env={"PATH": str(BIN), "OMP_NUM_THREADS": "1", **QUIET},
+        )
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
+    where = "the tracking server" if tracking else "a SQLite MLflow store"
+    print(f"{trials} trials, minimal budget, SQLite Optuna storage, MLflow on {where}")
+    print("\n".join(line for line in done.stdout.splitlines() if line.startswith(("per", "  "))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="trials in the study (default 20)")
     parser.add_argument(
         "--parallel", action="store_true", help="trials per minute with 1 and 2 workers"
     )
+    parser.add_argument(
+        "--components", action="store_true", help="a trial's fixed cost, part by part"
+    )
+    parser.add_argument("--tracking", default=None, help="with --components: an MLflow URI")
     args = parser.parse_args()
+    if args.components:
+        components(args.trials, args.tracking)
+        return
     if args.parallel:
         parallel(args.trials)
         return

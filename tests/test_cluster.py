@@ -318,3 +318,67 @@ def test_a_sqlite_study_joined_from_a_second_machine_is_refused(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "another-machine" in done.stderr and "storage=postgres" in done.stderr
     assert not study.trials
+
+
+def test_a_connection_the_server_dropped_is_replaced_not_an_error(services):
+    """pool_pre_ping: a pooled connection that died while idle (a firewall after hours,
+    a server restart) is tested before use and replaced."""
+    import sqlalchemy
+
+    from cnnstudy.study.storage import make_storage
+
+    name = _name("idle")
+    storage = make_storage(services["storage"])
+    optuna.create_study(study_name=name, storage=storage)
+    with storage.engine.connect() as connection:  # the pool's one idle connection, below
+        pid = connection.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+    killer = sqlalchemy.create_engine(
+        services["storage"], connect_args={"password": services["password"]}
+    )
+    with killer.connect() as connection:  # the same role may end its own sessions
+        ended = connection.execute(
+            sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}
+        ).scalar()
+    killer.dispose()
+    assert ended
+    time.sleep(0.5)
+    study = optuna.load_study(study_name=name, storage=storage)  # through the pool again
+    assert study.study_name == name
+
+
+def test_make_services_twice_is_harmless(services):
+    again = run_cli("python", "-m", "cnnstudy", "services", "start", cwd=Path.cwd(), env=_env())
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already serving" in again.stdout
+    status = run_cli("python", "-m", "cnnstudy", "services", "status", cwd=Path.cwd(), env=_env())
+    assert status.returncode == 0 and "online" in status.stdout and "serving" in status.stdout
+    assert services["password"] not in again.stdout + again.stderr + status.stdout
+
+
+def test_workers_on_a_machine_with_gpus_take_one_each(monkeypatch):
+    from cnnstudy.study import workers
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert workers.gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert workers.gpus() == []
+
+
+def test_the_cluster_presets_compose_without_the_services():
+    from hydra import compose, initialize_config_dir
+
+    from cnnstudy.config.compose import CONFIG_DIR
+
+    seen = {}
+    for preset in ("local", "slurm", "slurm_gpu"):
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[f"cluster={preset}"], return_hydra_config=True)
+        seen[preset] = cfg
+        assert cfg.hydra.sweeper.storage.startswith("postgresql+psycopg://cnnstudy@")
+        assert cfg.logger.tracking_uri.startswith("http://")
+        assert ":" not in cfg.hydra.sweeper.storage.split("//", 1)[1].split("@")[0]  # no password
+    assert seen["local"].hydra.launcher._target_.endswith("LocalLauncher")
+    assert seen["slurm"].hydra.launcher._target_.endswith("SlurmLauncher")
+    gpu = seen["slurm_gpu"]
+    assert gpu.trainer.accelerator == "gpu" and gpu.hydra.launcher.gpus_per_node == 1
+    assert gpu.hydra.launcher.signal_delay_s == 120

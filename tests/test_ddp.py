@@ -13,7 +13,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import torch
 
 from .conftest import BIN, run_cli
 
@@ -47,24 +46,37 @@ def _gone(mark: str, within: float = 15.0) -> bool:
     return not _marked(mark)
 
 
+EVALUATE = """
+import sys, torch
+from cnnstudy.config.check import check
+from cnnstudy.config.compose import compose
+from cnnstudy.data.batches import ImageDataModule
+from cnnstudy.network.modules import build_network
+
+cfg = compose(sys.argv[2:])
+network = build_network(check(cfg), cpu_kernels=False)
+network.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+data = ImageDataModule(cfg.data, seed=cfg.seed)
+val = data.prepare().val
+mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+std = torch.tensor(data.std).view(1, -1, 1, 1)
+with torch.no_grad():
+    logits = network.eval()((val.images - mean) / std)
+print(float((logits.argmax(1) == val.labels).double().mean()))
+"""
+
+
 def _val_accuracy(overrides: list[str], state_dict_path: Path) -> float:
     """The validation accuracy of trained weights over the whole validation split, computed
-    here in one process."""
-    from cnnstudy.config.check import check
-    from cnnstudy.config.compose import compose
-    from cnnstudy.data.batches import ImageDataModule
-    from cnnstudy.network.modules import build_network
-
-    cfg = compose(overrides)
-    network = build_network(check(cfg), cpu_kernels=False)
-    network.load_state_dict(torch.load(state_dict_path, weights_only=True))
-    data = ImageDataModule(cfg.data, seed=cfg.seed)
-    val = data.prepare().val
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    with torch.no_grad():
-        logits = network.eval()((val.images - mean) / std)
-    return float((logits.argmax(1) == val.labels).double().mean())
+    in one process of its own (this one keeps no data)."""
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", EVALUATE, str(state_dict_path), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_ddp_run_logs_one_run_whose_metric_covers_every_process_share(tmp_path):

@@ -273,17 +273,16 @@ def test_bf16_mixed_precision_trains_through_the_precision_plugin(tmp_path, monk
 
 def test_the_progress_bar_shows_loss_and_accuracy_not_a_version(tmp_path, monkeypatch):
     from cnnstudy.run import train as run_train
+    from cnnstudy.run.classifier import RunProgressBar
 
     shown: list[dict] = []
-    make = run_train._progress_bar
+    original = RunProgressBar.get_metrics
 
-    def watched():
-        bar = make()
-        original = bar.get_metrics
-        bar.get_metrics = lambda *args: shown.append(original(*args)) or shown[-1]
-        return bar
+    def watched(self, *args):
+        shown.append(original(self, *args))
+        return shown[-1]
 
-    monkeypatch.setattr(run_train, "_progress_bar", watched)
+    monkeypatch.setattr(RunProgressBar, "get_metrics", watched)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose(
         [
