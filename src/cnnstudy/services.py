@@ -228,6 +228,11 @@ def start_mlflow() -> None:
         str(MLFLOW_PORT),
         "--workers",
         os.environ.get("CNNSTUDY_MLFLOW_WORKERS", "2"),
+        # gunicorn's threaded workers, not MLflow's default uvicorn: a client keeps its
+        # connection open, and uvicorn's answers on it took about 50 ms each here (a
+        # delayed-ACK stall), gunicorn's 4-9 ms (README: Services)
+        "--gunicorn-opts",
+        "--worker-class gthread --threads 8 --keep-alive 30",
     ]
     env = {
         **os.environ,
