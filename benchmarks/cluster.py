@@ -158,8 +158,8 @@ def ask_tell(pg: str, upto: int = 210) -> None:
     from optuna.trial import TrialState
 
     from cnnstudy.locks import store_lock
+    from cnnstudy.study.standing import finished_count
     from cnnstudy.study.storage import open_study
-    from cnnstudy.study.summary import finished_count
 
     space = {
         "model.hidden_units": IntDistribution(16, 512, log=True),

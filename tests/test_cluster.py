@@ -133,7 +133,7 @@ def test_four_workers_started_at_once_run_exactly_n_trials_under_one_parent(tmp_
 def test_a_worker_killed_mid_trial_has_its_trial_failed_and_retried_by_another(tmp_path, services):
     name = _name("kill")
     argv = cluster_command(
-        name, "hydra.sweeper.n_trials=4", "hydra.sweeper.retry_failed=1", "trainer.max_epochs=60"
+        name, "hydra.sweeper.n_trials=3", "hydra.sweeper.retry_failed=1", "trainer.max_epochs=40"
     )
     victim = _start(tmp_path, argv, "victim")
     study = None
@@ -165,7 +165,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_retried_by_another(t
     retried = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retried) == 1 and retried[0].params == killed.params
     assert retried[0].state == TrialState.COMPLETE
-    assert len(_finished(trials)) == 4
+    assert len(_finished(trials)) == 3
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     runs = _runs(services, name)
     assert {r.info.status for r in runs} <= {"FINISHED", "FAILED", "KILLED"}, [
@@ -182,8 +182,8 @@ def test_submitit_local_workers_complete_the_study_and_a_preempted_one_is_requeu
         name,
         "hydra/launcher=submitit_local",
         "hydra.sweeper.n_jobs=2",
-        "hydra.sweeper.n_trials=5",
-        "trainer.max_epochs=40",
+        "hydra.sweeper.n_trials=4",
+        "trainer.max_epochs=30",
         f"hydra.sweep.dir={tmp_path}/sweep",
     )
     head = _start(tmp_path, argv, "head")
@@ -205,7 +205,7 @@ def test_submitit_local_workers_complete_the_study_and_a_preempted_one_is_requeu
     assert preempted is not None, _output(tmp_path, "head")[-3000:]
     assert head.wait(timeout=400) == 0, _output(tmp_path, "head")[-3000:]
     trials = _study(services, name).get_trials(deepcopy=False)
-    assert len(_finished(trials)) == 5
+    assert len(_finished(trials)) == 4
     stopped = [t for t in trials if t.number == preempted.number][0]
     assert stopped.state == TrialState.FAIL
     again = [t for t in trials if t.user_attrs.get("retry_of") == preempted.number]

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 from torch.nn import functional as F
 
@@ -199,6 +200,16 @@ class SignalCheck(L.Callback):
 
     def on_test_batch_end(self, *args: Any) -> None:
         self.check()
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger into the run cnnstudy opened, which cnnstudy ends itself,
+    once, in the state the run reached (FINISHED, KILLED, FAILED): Lightning's own
+    `finalize` would mark it FINISHED after the fit, before the test set and the
+    pictures, and again after the test (two requests each, on a tracking server)."""
+
+    def finalize(self, status: str = "success") -> None:
+        return None
 
 
 class RunProgressBar(RichProgressBar):

@@ -120,20 +120,26 @@ def record_setup(
     mlflow.log_text(render(table, layers), "describe.txt")
     mlflow.log_dict(table, "describe.json")
     counts = totals(layers)
-    mlflow.log_metrics(
-        {"model/params": counts["params"], "model/connections": counts["connections"]}
-    )
 
     if splits.source.startswith("/"):
         source = LocalArtifactDatasetSource(redact_text(splits.source))
     else:
         source = CodeDatasetSource({"loader": splits.source})
     contexts = {"train": "training", "val": "validation", "test": "testing"}
-    for name, split in splits.items():
-        dataset = MetaDataset(source, name=f"{cfg.data.name}-{name}", digest=split.fingerprint)
-        # MLflow looks a dataset up, then inserts it: two runs logging the same one at once
-        # would both insert (UNIQUE constraint failed: datasets)
-        serialized(uri, lambda d=dataset, c=contexts[name]: mlflow.log_input(d, context=c))
+    datasets = [
+        MetaDataset(source, name=f"{cfg.data.name}-{name}", digest=split.fingerprint)
+        for name, split in splits.items()
+    ]
+    # one request for the three; MLflow looks a dataset up, then inserts it: two runs
+    # logging the same one at once would both insert (UNIQUE constraint failed: datasets)
+    serialized(
+        uri,
+        lambda: mlflow.log_inputs(
+            datasets=datasets,
+            contexts=[contexts[name] for name, _ in splits.items()],
+            tags_list=[None] * len(datasets),
+        ),
+    )
     mlflow.log_dict(
         {
             "classes": splits.classes,
@@ -147,4 +153,10 @@ def record_setup(
     )
     if splits.skipped:
         mlflow.log_text("\n".join(splits.skipped) + "\n", "skipped_images.txt")
-    mlflow.log_metric("time/data_load_s", splits.load_seconds)
+    mlflow.log_metrics(  # one request
+        {
+            "model/params": counts["params"],
+            "model/connections": counts["connections"],
+            "time/data_load_s": splits.load_seconds,
+        }
+    )

@@ -382,12 +382,11 @@ def train(
 
         import lightning as L
         import mlflow
-        from lightning.pytorch.loggers import MLFlowLogger
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         from cnnstudy.data.batches import ImageDataModule
         from cnnstudy.network.modules import build_network
-        from cnnstudy.run.classifier import Classifier, SignalCheck, Throughput
+        from cnnstudy.run.classifier import Classifier, RunLogger, SignalCheck, Throughput
 
         for pattern in _EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
@@ -410,7 +409,8 @@ def train(
         experiment_id = store.open_experiment(
             uri, cfg.logger.experiment_name, cfg.logger.artifact_location
         )
-        mark_orphans(uri, by=f"{entry_point} (pid {os.getpid()})")
+        if context.current() is None:  # a study ends its own processes' runs (loop.py)
+            mark_orphans(uri, by=f"{entry_point} (pid {os.getpid()})")
         tags = run_tags(cfg, list(overrides), entry_point)
         request = context.current() or context.RunRequest()
         tags.update(extra_tags or {})
@@ -436,7 +436,7 @@ def train(
                 record_setup(cfg, layers, splits, datamodule.mean, datamodule.std, uri)
                 raise_if_signalled()
                 counts = totals(layers)
-                logger = MLFlowLogger(
+                logger = RunLogger(
                     experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run_id
                 )
                 throughput = Throughput()

@@ -12,8 +12,7 @@ from typing import Any
 
 from cnnstudy.study import space as spaces
 from cnnstudy.study.settings import Settings
-from cnnstudy.study.summary import best_trial
-from cnnstudy.study.trial import REJECTED
+from cnnstudy.study.standing import REJECTED, best_trial
 
 
 @dataclass

@@ -11,7 +11,7 @@ import itertools
 from typing import Any
 
 from cnnstudy.study import space as spaces
-from cnnstudy.study.trial import REJECTED
+from cnnstudy.study.standing import REJECTED
 
 
 def _key(params: dict[str, Any]) -> str:

@@ -41,8 +41,9 @@ from cnnstudy.study.grid import Grid
 from cnnstudy.study.parent import close_parent_run, open_parent_run
 from cnnstudy.study.runs import end_trial_runs
 from cnnstudy.study.settings import Settings, check, check_storage
+from cnnstudy.study.standing import finished_count
 from cnnstudy.study.storage import Heartbeat, mark_dead_trials, open_study, run_again
-from cnnstudy.study.summary import duration, finished_count, summarise, trial_line
+from cnnstudy.study.summary import duration, summarise, trial_line
 from cnnstudy.study.trial import Outcome, Tracking, TrialRunner
 
 log = get_log("study")

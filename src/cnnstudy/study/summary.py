@@ -4,6 +4,7 @@ front), `results.yaml` in the sweep folder, the dashboard link and the report.""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,41 +13,10 @@ from cnnstudy.log import get as get_log
 from cnnstudy.redact import redact_text
 from cnnstudy.run.store import serialized
 from cnnstudy.study.parent import describe_parent_run, landing_note
-from cnnstudy.study.trial import REJECTED, Outcome, Tracking, reproduce_command
+from cnnstudy.study.standing import best_trial, finished_count, pareto_front
+from cnnstudy.study.trial import Outcome, Tracking, reproduce_command
 
 log = get_log("study")
-
-
-def finished_count(study: Any, trials: list[Any] | None = None) -> int:
-    """Complete or pruned trials (of `trials`, else of the study), not counting rejected
-    architectures."""
-    from optuna.trial import TrialState
-
-    done = (TrialState.COMPLETE, TrialState.PRUNED)
-    if trials is None:
-        trials = study.get_trials(deepcopy=False, states=done)
-    return sum(t.state in done and REJECTED not in t.user_attrs for t in trials)
-
-
-def best_trial(study: Any) -> Any:
-    """The best complete trial of a one-objective study, or None."""
-    from optuna.trial import TrialState
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete or len(study.directions) > 1:
-        return None
-    return study.best_trial
-
-
-def pareto_front(study: Any) -> list[Any]:
-    """The Pareto front of a study with several objectives (complete trials)."""
-    from optuna.trial import TrialState
-
-    if len(study.directions) < 2:
-        return []
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return []
-    return sorted(study.best_trials, key=lambda t: t.number)
 
 
 def trial_line(
@@ -73,10 +43,15 @@ def trial_line(
         tags["pareto.trials"] = numbers[:5000]
 
     def note_best() -> None:  # other workers note theirs at the same moment: serialized
-        for key, value in tags.items():
-            client.set_tag(parent, key, value)
+        from mlflow.entities import Metric, RunTag
+
+        metrics = []
         if best is not None:
-            client.log_metric(parent, "best/value", best.value, step=trial.number)
+            now = int(time.time() * 1000)
+            metrics = [Metric("best/value", best.value, now, trial.number)]
+        client.log_batch(  # one request
+            parent, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()]
+        )
 
     if tags:
         serialized(tracking.uri, note_best)

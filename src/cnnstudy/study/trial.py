@@ -30,9 +30,9 @@ from cnnstudy.study.faults import best_effort, explain
 from cnnstudy.study.parent import run_config
 from cnnstudy.study.runs import end_runs, log_seed_means, open_trial_run, run_name
 from cnnstudy.study.settings import Settings
+from cnnstudy.study.standing import REJECTED, best_trial
 
 SHAPE_CONSTRAINT = "shape_check"
-REJECTED = "rejected"  # user attribute of a trial whose network failed the shape check
 log = get_log("study")
 KEPT_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "model/params", "time/fit_s")
 
@@ -245,7 +245,6 @@ class TrialRunner:
         """Whether a run's metrics beat the study's best so far: its pictures are logged
         then (the sweeps turn per-run pictures off for speed), so that the best network's
         filters and confusion matrix are a click away. One objective only."""
-        from cnnstudy.study.summary import best_trial
 
         if len(self.settings.objectives) > 1:
             return None
