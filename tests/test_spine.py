@@ -314,3 +314,22 @@ def test_a_studys_config_shows_with_cfg_and_every_command_runs_as_python_m(tmp_p
     assert usage.returncode == 0 and "train, describe, report, reproduce, ui" in usage.stderr
     wrong = subprocess.run([python, "-m", "cnnstudy", "nope"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "got nope" in wrong.stderr
+
+
+def test_a_one_cycle_schedule_whose_warm_up_is_one_step_long_runs():
+    """OneCycleLR divides by its warm-up's length: 0 steps at pct_start 0.2 of 5 steps."""
+    import torch
+
+    from cnnstudy.run.train import optimizer_factories
+
+    optimizer, scheduler = optimizer_factories(compose(["scheduler=onecycle"]))
+    for steps in (4, 5, 10, 11):
+        opt = optimizer([torch.nn.Parameter(torch.zeros(1))])
+        schedule = scheduler(opt, steps)
+        rates = [opt.param_groups[0]["lr"]]
+        for _ in range(steps - 1):  # the run's steps: the first rate, then one per step
+            opt.step()
+            schedule.step()
+            rates.append(opt.param_groups[0]["lr"])
+        assert max(rates) > compose([]).optimizer.lr / 2  # warmed up towards max_lr
+        assert rates[-1] < max(rates) / 100  # and annealed

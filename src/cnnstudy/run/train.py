@@ -16,6 +16,7 @@ Heavy imports (torch, Lightning, MLflow) happen only after the config is checked
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import sys
@@ -221,7 +222,13 @@ class SchedulerFactory:
         self.partial, self.lengths = partial, lengths
 
     def __call__(self, opt: Any, total_steps: int) -> Any:
-        return self.partial(opt, **{k: total_steps for k in self.lengths})
+        given = {k: total_steps for k in self.lengths}
+        pct = self.partial.keywords.get("pct_start")
+        if "total_steps" in given and pct is not None and float(pct) * total_steps == 1:
+            # OneCycleLR divides by its warm-up's length, pct_start x total_steps - 1 steps:
+            # 0 here (5 steps at 0.2). The next float up: the same schedule, one that runs
+            given["pct_start"] = math.nextafter(float(pct), 1.0)
+        return self.partial(opt, **given)
 
 
 @dataclass
