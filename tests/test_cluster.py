@@ -110,18 +110,18 @@ def _name(what: str) -> str:
 
 def test_four_workers_started_at_once_run_exactly_n_trials_under_one_parent(tmp_path, services):
     name = _name("four")
-    argv = cluster_command(name, "hydra.sweeper.n_trials=8")
+    argv = cluster_command(name, "hydra.sweeper.n_trials=6")
     workers = [_start(tmp_path, argv, f"w{k}") for k in range(4)]
     codes = [w.wait(timeout=400) for w in workers]
     assert codes == [0, 0, 0, 0], [_output(tmp_path, f"w{k}")[-2000:] for k in range(4)]
     trials = _study(services, name).get_trials(deepcopy=False)
-    assert len(_finished(trials)) == 8 and len(trials) == 8
-    assert sorted(t.number for t in trials) == list(range(8))
+    assert len(_finished(trials)) == 6 and len(trials) == 6
+    assert sorted(t.number for t in trials) == list(range(6))
     runs = _runs(services, name)
     parents = [r for r in runs if r.data.tags.get("cnnstudy.run_kind") == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(int(r.data.tags["cnnstudy.trial"]) for r in children) == list(range(8))
+    assert sorted(int(r.data.tags["cnnstudy.trial"]) for r in children) == list(range(6))
     assert all(r.info.status == "FINISHED" for r in runs)
     # the workers shared the study: more than one process ran its trials
     pids = {t.system_attrs["cnnstudy:process"]["pid"] for t in trials}

@@ -51,7 +51,10 @@ def engine_kwargs(uri: str) -> dict[str, Any]:
         return {}
     from sqlalchemy.engine import make_url
 
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # a study process needs two connections at once (its loop and its heartbeat): many
+    # workers on one server must not hold SQLAlchemy's default 5 + 10 each (PostgreSQL
+    # allows 100 by default)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 1}
     if make_url(uri).password is None:
         from cnnstudy.services import db_password
 
@@ -65,8 +68,8 @@ def _engine(uri: str) -> Any:
     if uri not in _engines:
         import sqlalchemy
 
-        kwargs = engine_kwargs(uri)
-        _engines[uri] = sqlalchemy.create_engine(uri, pool_size=1, max_overflow=0, **kwargs)
+        kwargs = {**engine_kwargs(uri), "pool_size": 1, "max_overflow": 0}
+        _engines[uri] = sqlalchemy.create_engine(uri, **kwargs)
     return _engines[uri]
 
 

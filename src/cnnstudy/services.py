@@ -37,6 +37,9 @@ MLFLOW_DB = "cnnstudy_mlflow"
 HOST = os.environ.get("CNNSTUDY_SERVICES_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("CNNSTUDY_PG_PORT", "5432"))
 MLFLOW_PORT = int(os.environ.get("CNNSTUDY_MLFLOW_PORT", "5050"))
+# each study process holds at most 3 connections (locks.engine_kwargs), the tracking
+# server at most 16: 200 leaves room for about 50 workers
+MAX_CONNECTIONS = int(os.environ.get("CNNSTUDY_PG_MAX_CONNECTIONS", "200"))
 
 
 def state_dir() -> Path:
@@ -147,7 +150,14 @@ def start_postgres() -> None:
     version, name, status = _cluster()
     if status != "online":
         subprocess.run(
-            ["pg_ctlcluster", version, name, "start", "-o", f"-c listen_addresses={HOST}"],
+            [
+                "pg_ctlcluster",
+                version,
+                name,
+                "start",
+                "-o",
+                f"-c listen_addresses={HOST} -c max_connections={MAX_CONNECTIONS}",
+            ],
             check=True,
         )
     password = db_password(create=True)
@@ -238,6 +248,11 @@ def start_mlflow() -> None:
         **os.environ,
         "PGPASSWORD": db_password(create=True) or "",
         "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+        # at most 2 x (4 + 4) database connections; no GenAI job runners (7 processes,
+        # each with its connections): nothing of cnnstudy's uses them
+        "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "4",
+        "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "4",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     with open(log, "ab") as out:
         server = subprocess.Popen(
