@@ -48,7 +48,7 @@ demo: setup
 	@echo "Start the dashboard with: make ui"
 
 test: setup browser test-services
-	$(BIN)/pytest -q -n 2  # two workers: most tests wait on a cnnstudy-train subprocess
+	$(BIN)/pytest -q -n 2 --dist worksteal  # two workers: most tests wait on a subprocess
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

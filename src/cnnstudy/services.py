@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from cnnstudy.errors import ConfigError, console_script, user_errors_exit
 
@@ -60,13 +61,22 @@ def db_password(create: bool = False) -> str | None:
     if given:
         return given
     path = password_file()
-    if path.is_file():
+    try:
+        if path.is_file():
+            return path.read_text().strip() or None
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        word = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another `make services` made it a moment ago
         return path.read_text().strip() or None
-    if not create:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    word = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        raise ConfigError(
+            f"the database password file {path}: {err.strerror}; make it readable by you, "
+            "or give the password in CNNSTUDY_DB_PASSWORD (CNNSTUDY_DB_PASSWORD_FILE names "
+            "another file)"
+        ) from None
     with os.fdopen(fd, "w") as handle:
         handle.write(word + "\n")
     return word
@@ -94,7 +104,9 @@ def _cluster() -> tuple[str, str, str]:
             "PostgreSQL is not installed (no pg_lsclusters): make services installs Debian's "
             "postgresql package; or apt-get install postgresql"
         )
-    out = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=True)
+    out = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ConfigError(f"pg_lsclusters failed: {out.stderr.strip()}")
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
     for row in rows:
         if int(row[2]) == PG_PORT:
@@ -142,14 +154,30 @@ def _psql(sql: str, database: str = "postgres") -> str:
     return done.stdout.strip()
 
 
+def _run(command: list[str]) -> None:
+    """A command of PostgreSQL's tools; its error said in one line."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise ConfigError(
+            f"{' '.join(command[:4])} failed: {said[-1] if said else done.returncode}"
+        )
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
 def start_postgres() -> None:
+    if os.geteuid() != 0:
+        raise ConfigError(
+            "make services starts PostgreSQL with pg_ctlcluster and administers it as its "
+            "`postgres` user (runuser): run it as root, or create the role and databases "
+            "yourself and name them with CNNSTUDY_OPTUNA_STORAGE (README: Services)"
+        )
     version, name, status = _cluster()
-    if status != "online":
-        subprocess.run(
+    if not status.startswith("online"):
+        _run(
             [
                 "pg_ctlcluster",
                 version,
@@ -157,8 +185,7 @@ def start_postgres() -> None:
                 "start",
                 "-o",
                 f"-c listen_addresses={HOST} -c max_connections={MAX_CONNECTIONS}",
-            ],
-            check=True,
+            ]
         )
     password = db_password(create=True)
     exists = _psql(f"SELECT 1 FROM pg_roles WHERE rolname = {_literal(ROLE)}")
@@ -175,8 +202,8 @@ def stop_postgres() -> None:
         version, name, status = _cluster()
     except ConfigError:
         return
-    if status == "online":
-        subprocess.run(["pg_ctlcluster", version, name, "stop", "-m", "fast"], check=True)
+    if status.startswith("online"):
+        _run(["pg_ctlcluster", version, name, "stop", "-m", "fast"])
     print(f"PostgreSQL {version}/{name}: stopped")
 
 
@@ -196,11 +223,16 @@ def _alive(pid: int) -> bool:
 
 
 def _server_pid() -> int | None:
+    """The pid of the tracking server this project started, when it still runs: the pid
+    file's, if that process is an `mlflow server` (a pid left by a reboot may name any
+    process by now)."""
     try:
         pid = int(_pid_file().read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    ours = any(part.endswith(b"mlflow") for part in command) and b"server" in command
+    return pid if ours else None
 
 
 def healthy(url: str | None = None, timeout: float = 2.0) -> bool:
@@ -212,9 +244,16 @@ def healthy(url: str | None = None, timeout: float = 2.0) -> bool:
 
 
 def start_mlflow() -> None:
-    if _server_pid() is not None and healthy():
-        print(f"MLflow tracking server: already serving {mlflow_url()}")
-        return
+    running = _server_pid()
+    if running is not None:  # ours, started before: serving, or about to
+        if _wait_healthy(running, 180):
+            print(f"MLflow tracking server: already serving {mlflow_url()}")
+            return
+        raise ConfigError(
+            f"the MLflow tracking server (pid {running}) runs but does not answer at "
+            f"{mlflow_url()}; see {state_dir() / 'mlflow-server.log'}, or stop it: "
+            "make services-stop"
+        )
     if healthy():
         raise ConfigError(
             f"something that is not this project's server already answers at {mlflow_url()}; "
@@ -265,16 +304,23 @@ def start_mlflow() -> None:
             cwd=folder,
         )
     _pid_file().write_text(f"{server.pid}\n")
-    deadline = time.monotonic() + 180  # a fresh database: MLflow creates its tables first
-    while time.monotonic() < deadline:
-        if healthy():
-            print(f"MLflow tracking server: {mlflow_url()} (artifacts in {artifacts}; log {log})")
-            return
-        if server.poll() is not None:
-            break
-        time.sleep(0.5)
+    # a fresh database: MLflow creates its tables first
+    if _wait_healthy(server.pid, 180, server.poll):
+        print(f"MLflow tracking server: {mlflow_url()} (artifacts in {artifacts}; log {log})")
+        return
     tail = log.read_text(errors="replace").splitlines()[-5:]
     raise ConfigError(f"the MLflow tracking server did not start; {log} ends: {' | '.join(tail)}")
+
+
+def _wait_healthy(pid: int, seconds: float, ended: Any = None) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if healthy():
+            return True
+        if (ended() if ended else None) is not None or not _alive(pid):
+            return False
+        time.sleep(0.5)
+    return False
 
 
 def stop_mlflow() -> None:

@@ -107,12 +107,18 @@ class Classifier(L.LightningModule):
 
     def _log_epoch(self, stage: str) -> None:
         totals = self._totals.pop(stage, None)
-        if totals is None or not totals.count:
+        several = self.trainer.world_size > 1
+        if (totals is None or not totals.count) and not several:
             return
-        summed = totals.as_tensor()
-        if self.trainer.world_size > 1:
+        if totals is None or not totals.count:  # every process takes part in the sum
+            summed = torch.zeros(3, dtype=torch.float64, device=self.device)
+        else:
+            summed = totals.as_tensor()
+        if several:
             summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
         loss_sum, correct, count = summed.tolist()
+        if not count:
+            return
         if not math.isfinite(loss_sum) and stage != "test":
             raise Diverged(
                 f"training diverged: {stage}/loss is {loss_sum / count} at epoch "

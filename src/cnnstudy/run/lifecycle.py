@@ -71,10 +71,23 @@ def stop_ranks_on_signal(trainer: Any) -> Iterator[None]:
     signal is then raised as Interrupted, the run marked KILLED."""
     launcher = getattr(trainer.strategy, "launcher", None)
 
-    def stop() -> None:
-        for process in getattr(launcher, "procs", None) or []:
+    def kill() -> bool:
+        processes = getattr(launcher, "procs", None) or []
+        for process in processes:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGKILL)
+        return bool(processes)
+
+    def stop() -> None:
+        if launcher is None or kill():
+            return
+
+        def later() -> None:  # still spawning: Lightning lists them once they all started
+            deadline = time.monotonic() + 120
+            while not kill() and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+        threading.Thread(target=later, name="cnnstudy-stop-ranks", daemon=True).start()
 
     _on_signal.append(stop)
     try:

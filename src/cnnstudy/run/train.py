@@ -320,11 +320,17 @@ def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[A
 
         strategy = "ddp_spawn" if t.strategy == "auto" else t.strategy
         callbacks = [*callbacks, RankGuard(t.num_threads, _EXPECTED_WARNINGS)]
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
     return L.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=devices,
         strategy=strategy,
+        # cnnstudy starts the processes of a run itself (ddp_spawn): inside a SLURM job,
+        # Lightning would otherwise take the job's one task for the world (SLURMEnvironment:
+        # every spawned process rank 0 of 1) and requeue the job on SIGUSR1 on its own
+        plugins=[LightningEnvironment()],
         precision=hardware.precision,
         deterministic=deterministic,
         limit_train_batches=t.limit_train_batches,
@@ -450,8 +456,8 @@ def train(
                 callbacks = [throughput, SignalCheck(raise_if_signalled), *request.callbacks]
                 trainer = _trainer(cfg, hardware, logger, callbacks, root_dir or os.getcwd())
                 fit_started = time.perf_counter()
-                with stop_ranks_on_signal(trainer):  # DDP: a signal stops every process
-                    trainer.fit(system, datamodule=datamodule)
+                with stop_ranks_on_signal(trainer), diverged_in_a_process():
+                    trainer.fit(system, datamodule=datamodule)  # DDP: a signal stops all
                 fit_seconds = time.perf_counter() - fit_started
                 metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
                 for callback in request.callbacks:  # a DDP trial pruned in its processes
@@ -497,6 +503,21 @@ def train(
                 mlflow.end_run("KILLED")
                 raise
     return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def diverged_in_a_process() -> Iterator[None]:
+    """A DDP process whose loss diverged raises Diverged there; Lightning re-raises it here
+    as torch's ProcessRaisedException, the process's traceback as its text: Diverged
+    again, with its line, as in one process."""
+    try:
+        yield
+    except Exception as err:
+        said = f"{Diverged.__module__}.Diverged: "
+        text = str(err)
+        if said not in text or isinstance(err, Diverged):
+            raise
+        raise Diverged(text.split(said, 1)[1].splitlines()[0]) from None
 
 
 def _log_network(network: Any, cfg: DictConfig) -> None:

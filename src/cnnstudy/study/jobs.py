@@ -34,7 +34,6 @@ from cnnstudy.log import get as get_log
 log = get_log("study")
 
 JOB_ENV = "CNNSTUDY_STUDY_JOB"  # set in a worker job: preemption requeues it
-PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 def is_submitit(config: Any) -> bool:
@@ -106,18 +105,12 @@ def executor(config: Any) -> Any:
 
 
 def worker_arguments(argv: list[str], study_name: str, sweep_dir: str, k: int) -> list[str]:
-    """The command line of worker `k`: this command's, its trials run in the worker's own
-    process (basic launcher), on the study the head opened."""
-    kept = [
-        a
-        for a in argv
-        if not a.startswith(("hydra/launcher=", "hydra.launcher.", "hydra.sweeper.n_jobs="))
-        and not a.startswith(("hydra.sweeper.study_name=", "hydra.sweep.dir="))
-    ]
+    """The command line of worker `k`: this command's, on the study the head opened, in an
+    output folder of its own. It composes the same config, launcher included; in a job,
+    the sweeper runs its trials in the job's process (hydra_plugins.cnnstudy_sweeper)."""
+    kept = [a for a in argv if not a.startswith(("hydra.sweeper.study_name=", "hydra.sweep.dir="))]
     return [
         *kept,
-        "hydra/launcher=basic",
-        "hydra.sweeper.n_jobs=1",
         f"hydra.sweeper.study_name={_quoted(study_name)}",
         f"hydra.sweep.dir={_quoted(str(Path(sweep_dir) / f'worker-{k}'))}",
     ]
@@ -135,25 +128,32 @@ class StudyWorker:
     `checkpoint` (called on preemption) resubmits it unchanged: the study's state lives in
     its storage, not here."""
 
-    def __init__(self, arguments: list[str]) -> None:
-        self.arguments = arguments
+    def __init__(self, arguments: list[str], started: str = "") -> None:
+        self.arguments, self.started = arguments, started
 
     def __call__(self) -> str:
+        from cnnstudy.redact import RedactingStream
         from cnnstudy.run import train
+        from cnnstudy.study import workers
 
         os.environ[JOB_ENV] = "1"
-        os.environ["CNNSTUDY_STUDY_WORKER"] = "1"
-        os.environ.pop("CNNSTUDY_STUDY_DRIVER", None)
+        os.environ[workers.WORKER_ENV] = "1"
+        os.environ.pop(workers.DRIVER_ENV, None)
+        if self.started:
+            os.environ[workers.STARTED_ENV] = self.started
+        # the job's log says what a console script would, secrets redacted
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: requeue, then exit
         sys.argv = ["cnnstudy-train", *self.arguments]
         try:
             train.main()
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else 1
-            if code - 128 in [int(s) for s in PREEMPT_SIGNALS] and callable(requeue):
-                log.warning(
-                    f"cnnstudy: worker preempted ({signal.Signals(code - 128).name}): requeued"
-                )
+            # SIGUSR2: the time limit is near (sbatch --signal): requeue. SIGTERM: SLURM
+            # preempts (and requeues itself) or cancels: stop, the trial queued again
+            if code - 128 == int(signal.SIGUSR2) and callable(requeue):
+                log.warning("cnnstudy: the job's time limit is near (SIGUSR2): requeued")
                 requeue(signal.SIGUSR2, None)  # requeues the job and exits the process
             if code != 0:
                 raise RuntimeError(
@@ -167,7 +167,9 @@ class StudyWorker:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def submit(config: Any, arguments: list[str], study_name: str, count: int) -> list[Any]:
+def submit(
+    config: Any, arguments: list[str], study_name: str, count: int, started: Any = None
+) -> list[Any]:
     """`count` worker jobs, submitted at once, outside the head's MLflow run and SLURM
     job (sbatch exports the submitter's environment)."""
     import submitit
@@ -177,7 +179,12 @@ def submit(config: Any, arguments: list[str], study_name: str, count: int) -> li
     with submitit.helpers.clean_env(extra_names=("MLFLOW_RUN_ID",)):
         with made.batch():
             jobs = [
-                made.submit(StudyWorker(worker_arguments(arguments, study_name, sweep_dir, k)))
+                made.submit(
+                    StudyWorker(
+                        worker_arguments(arguments, study_name, sweep_dir, k),
+                        started.isoformat() if started is not None else "",
+                    )
+                )
                 for k in range(count)
             ]
     folder = Path(str(config.hydra.launcher.submitit_folder)).parent

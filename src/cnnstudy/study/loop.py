@@ -41,7 +41,7 @@ from cnnstudy.study.grid import Grid
 from cnnstudy.study.parent import close_parent_run, open_parent_run
 from cnnstudy.study.runs import end_trial_runs
 from cnnstudy.study.settings import Settings, check, check_storage
-from cnnstudy.study.standing import finished_count
+from cnnstudy.study.standing import REJECTED, finished_count
 from cnnstudy.study.storage import Heartbeat, mark_dead_trials, open_study, run_again
 from cnnstudy.study.summary import duration, summarise, trial_line
 from cnnstudy.study.trial import Outcome, Tracking, TrialRunner
@@ -141,7 +141,10 @@ class StudyRunner:
         s = self.settings
         check(s)
         self.arguments = arguments
-        self.started = datetime.datetime.now()  # Optuna's own clock: naive local time
+        # when this command started (Optuna's own clock: naive local time); a worker takes
+        # its driver's or head's, so that "tried in this command" means the same in all
+        given = os.environ.get(workers.STARTED_ENV) if workers.is_worker() else None
+        self.started = datetime.datetime.fromisoformat(given) if given else datetime.datetime.now()
         file_params = [f"{k}={v}" for k, v in (s.params or {}).items()]
         space, fixed = spaces.parse([*file_params, *arguments])
         self._choose_sampler(space)
@@ -258,7 +261,10 @@ class StudyRunner:
         client = mlflow.MlflowClient(tracking.uri)
         head = jobs.is_submitit(self.config) and not workers.is_worker()
         if s.n_jobs > 1 and not workers.is_worker() and not head:
-            self.workers = workers.start_workers(s.n_jobs - 1, threads)
+            from cnnstudy.config.check import device_count
+
+            per_trial = device_count(self.config.trainer.devices) or 1
+            self.workers = workers.start_workers(s.n_jobs - 1, threads, per_trial, self.started)
         if workers.is_worker():
             workers.follow_driver()  # no worker outlives the command that started it
         log.info(
@@ -319,7 +325,9 @@ class StudyRunner:
         if finished_count(study) >= self.target:
             return  # the same command again: only the summary
         said = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-        submitted = jobs.submit(self.config, sys.argv[1:], study.study_name, self.settings.n_jobs)
+        submitted = jobs.submit(
+            self.config, sys.argv[1:], study.study_name, self.settings.n_jobs, self.started
+        )
 
         def tick() -> None:
             self._mark_dead_trials()
@@ -334,15 +342,16 @@ class StudyRunner:
                 said.add(trial.number)
                 done = finished_count(study, ended[: k + 1])
                 state = trial.state.name
-                if state == "COMPLETE" and "rejected" in trial.user_attrs:
-                    state = "REJECTED"
+                reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("reason")
+                if REJECTED in trial.user_attrs:  # told PRUNED, with its reason (trial.py)
+                    state, reason = "REJECTED", trial.user_attrs[REJECTED]
                 seconds = 0.0
                 if trial.datetime_complete and trial.datetime_start:
                     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
                 told = Outcome(
                     state,
                     values=list(trial.values) if trial.state == TrialState.COMPLETE else None,
-                    reason=str(trial.user_attrs.get("fail_reason", "")),
+                    reason=str(reason or ""),
                     seconds=seconds,
                 )
                 trial_line(study, trial, told, client, self.tracking, f"{done}/{self.target}")

@@ -148,23 +148,28 @@ def is_file_storage(url: str) -> bool:
 
 
 def _one_machine_only(study: Any, url: str) -> None:
-    """The machines that joined the study (`cnnstudy.hosts`). A SQLite or journal file on a
-    disk shared by several machines loses writes (file locks do not hold across network
-    file systems, nor does cnnstudy's lock): refused, naming PostgreSQL."""
+    """A SQLite or journal file on a disk shared by several machines loses writes (file
+    locks do not hold across network file systems, nor does cnnstudy's lock): a study in
+    one, whose trial is running on another machine (its heartbeat fresh), is refused,
+    naming PostgreSQL. A study resumed on another machine (a new container, another
+    login node) is not: no other machine is at work on it."""
     import socket
 
-    host = socket.gethostname()
-    hosts = list(study.user_attrs.get("cnnstudy.hosts", []))
-    if host in hosts:
+    from optuna.trial import TrialState
+
+    if not is_file_storage(url):
         return
-    if hosts and is_file_storage(url):
-        raise ConfigError(
-            f"hydra.sweeper.storage={redact_text(url)}: the study was started on "
-            f"{', '.join(hosts)}, and this is {host}; a SQLite or journal file cannot be "
-            "shared by several machines. Use a database server: storage=postgres "
-            "(make services starts one; README: Services)"
-        )
-    study.set_user_attr("cnnstudy.hosts", [*hosts, host])
+    host, now = socket.gethostname(), time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        other = (trial.system_attrs.get(PROCESS) or {}).get("host")
+        beat = trial.system_attrs.get(HEARTBEAT)
+        if other and other != host and beat is not None and now - float(beat) <= GRACE_S:
+            raise ConfigError(
+                f"hydra.sweeper.storage={redact_text(url)}: trial {trial.number} of study "
+                f"{study.study_name} is running on {other}, and this is {host}; a SQLite or "
+                "journal file cannot be shared by several machines. Use a database server: "
+                "storage=postgres (make services starts one; README: Services)"
+            )
 
 
 def mark_dead_trials(
@@ -212,7 +217,7 @@ def mark_dead_trials(
 def run_again(study: Any, trial: Any, **attrs: Any) -> None:
     """Queue the trial's parameters again (its process died, or its job was preempted):
     the new trial names the old (`retry_of`) and stays the baseline if it was one."""
-    keep = {k: v for k, v in trial.user_attrs.items() if k == "enqueued"}
+    keep = {k: v for k, v in trial.user_attrs.items() if k in ("enqueued", "retries")}
     study.enqueue_trial(dict(trial.params), user_attrs={**keep, "retry_of": trial.number, **attrs})
 
 

@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 WORKER_ENV = "CNNSTUDY_STUDY_WORKER"
 DRIVER_ENV = "CNNSTUDY_STUDY_DRIVER"  # the pid of the process that started the worker
+STARTED_ENV = "CNNSTUDY_STUDY_STARTED"  # when the command started (ISO), for grid studies
 
 
 def cores() -> int:
@@ -44,25 +46,41 @@ def gpus() -> list[str]:
     return [str(k) for k, line in enumerate(listed.splitlines()) if line.startswith("GPU ")]
 
 
-def start_workers(count: int, threads: int) -> list[subprocess.Popen]:
+def share_gpus(devices: list[str], processes: int, per_trial: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each process (the driver first): one GPU each (modulo their
+    number), or with trials on several devices, a block each where there are enough for
+    every process; else None (every GPU visible)."""
+    if not devices:
+        return [None] * processes
+    if per_trial == 1:
+        return [devices[k % len(devices)] for k in range(processes)]
+    if per_trial * processes <= len(devices):
+        return [",".join(devices[k * per_trial : (k + 1) * per_trial]) for k in range(processes)]
+    return [None] * processes
+
+
+def start_workers(
+    count: int, threads: int, per_trial: int = 1, started: Any = None
+) -> list[subprocess.Popen]:
     """`count` processes of this command, each training with `threads` torch threads.
-    With GPUs, one trial per GPU: process k (the driver is 0) sees GPU k only (modulo
-    their number)."""
+    With GPUs, a trial per GPU (or per block of `per_trial` GPUs): process k (the driver
+    is 0) sees its own only (`share_gpus`)."""
     env = {
         **os.environ,
         WORKER_ENV: "1",
         DRIVER_ENV: str(os.getpid()),
         "OMP_NUM_THREADS": str(threads),
+        **({STARTED_ENV: started.isoformat()} if started is not None else {}),
     }
-    devices = gpus()
-    if devices:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[0]  # the driver's, before CUDA starts
+    shares = share_gpus(gpus(), count + 1, per_trial)
+    if shares[0] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = shares[0]  # the driver's, before CUDA starts
     # the command as it was started (a console script or python -m cnnstudy), unchanged:
     # the study's name is its overrides; each worker sets its threads as the driver does
     command = list(sys.orig_argv)
     started = []
     for k in range(1, count + 1):
-        own = {"CUDA_VISIBLE_DEVICES": devices[k % len(devices)]} if devices else {}
+        own = {} if shares[k] is None else {"CUDA_VISIBLE_DEVICES": shares[k]}
         started.append(subprocess.Popen(command, env={**env, **own}))
     return started
 

@@ -6,11 +6,12 @@ here, the dataclass needs its annotations evaluated)."""
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncherConf
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 @dataclass
@@ -76,10 +77,19 @@ class CnnstudySweeper(Sweeper):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        import os
+
         self.config = config
         self.hydra_context = hydra_context
+        launching = config
+        if os.environ.get("CNNSTUDY_STUDY_JOB") == "1":
+            # a worker job of a study (cnnstudy.study.jobs): its trials run in its own
+            # process, whatever launcher the command names (the one that submitted it)
+            launching = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+            with open_dict(launching):
+                launching.hydra.launcher = OmegaConf.structured(BasicLauncherConf)
         self.launcher = Plugins.instance().instantiate_launcher(
-            config=config, hydra_context=hydra_context, task_function=task_function
+            config=launching, hydra_context=hydra_context, task_function=task_function
         )
 
     def sweep(self, arguments: list[str]) -> Any:
