@@ -21,16 +21,9 @@ import pytest
 from optuna.trial import TrialState
 
 from .conftest import BIN, run_cli
+from .test_study import TINY  # the tiny training budget of every study test
 
 pytestmark = pytest.mark.slow
-
-TINY = (
-    "trainer=smoke",
-    "logger.log_model=false",
-    "logger.log_images=false",
-    "trainer.num_threads=1",
-    "hydra.sweeper.report=false",
-)
 
 
 @pytest.fixture(scope="module")
