@@ -13,6 +13,9 @@
    TPE ask over the hidden-units space, the tell), no training, at trial 20 against trial
    200, on PostgreSQL and on SQLite.
 4. start: from a worker's process start to its first trial's start, per storage.
+5. requests: one MLflow request to the tracking server, on the client's kept-alive
+   connection (as MLflow's client makes them) and on a fresh connection each time.
+6. imports: what a worker imports before its first trial, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -216,13 +219,61 @@ def start(pg: str) -> None:
                 _drop(storage, name)
 
 
+def requests_to(mlflow_url: str, n: int = 20) -> None:
+    import mlflow
+    import requests
+
+    client = mlflow.MlflowClient(mlflow_url)
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    run = client.create_run(client.create_experiment(name))
+    run_id = run.info.run_id
+
+    def timed(label: str, call) -> float:
+        call(0)  # the connection opened
+        started = time.perf_counter()
+        for k in range(n):
+            call(k)
+        seconds = (time.perf_counter() - started) / n
+        print(f"{label:52s} {seconds * 1000:6.1f} ms", flush=True)
+        return seconds
+
+    kept = timed(
+        "get_run, MLflow's client (kept-alive connection)", lambda k: client.get_run(run_id)
+    )
+    timed("set_tag, MLflow's client", lambda k: client.set_tag(run_id, f"k{k}", "v"))
+    timed("log_metric, MLflow's client", lambda k: client.log_metric(run_id, "m", k, step=k))
+    get = f"{mlflow_url}/api/2.0/mlflow/runs/get"
+    fresh = timed(
+        "get_run, a fresh connection each time",
+        lambda k: requests.get(get, params={"run_id": run_id}, timeout=10),
+    )
+    client.set_terminated(run_id)
+    print(f"kept-alive / fresh: {kept / fresh:.2f}x")
+
+
+def imports() -> None:
+    for modules in ("torch", "torch, lightning", "mlflow", "optuna", "hydra", "torchmetrics"):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True)
+        print(f"import {modules:20s} {time.perf_counter() - started:5.2f} s (fresh process)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--only", choices=("rates", "server", "ask", "start"))
+    parser.add_argument(
+        "--only", choices=("rates", "server", "ask", "start", "requests", "imports")
+    )
     args = parser.parse_args()
+    if args.only == "imports":
+        imports()
+        return
     pg, mlflow_url = services()
+    if args.only in (None, "requests"):
+        requests_to(mlflow_url)
+    if args.only in (None, "imports"):
+        imports()
     if args.only in (None, "start"):
         start(pg)
     if args.only in (None, "ask"):

@@ -49,7 +49,7 @@ def in_job() -> bool:
     return os.environ.get(JOB_ENV) == "1"
 
 
-def check(config: Any, settings: Any, storage_url: str, tracking_uri: str) -> None:
+def check(config: Any, storage_url: str, tracking_uri: str) -> None:
     """What cannot work with the launcher, said before anything is submitted."""
     from cnnstudy.locks import sqlite_path
     from cnnstudy.study.storage import is_file_storage

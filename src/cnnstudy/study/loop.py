@@ -227,7 +227,7 @@ class StudyRunner:
             from cnnstudy.run.store import tracking_uri
             from cnnstudy.study.parent import run_config
 
-            jobs.check(self.config, s, s.storage_url, tracking_uri(run_config(self.config)))
+            jobs.check(self.config, s.storage_url, tracking_uri(run_config(self.config)))
         check_storage(s.storage_url)
         for params in s.enqueue or []:
             unknown = [k for k in dict(params) if k not in space and k not in self.fixed_values]
