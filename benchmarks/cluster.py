@@ -3,6 +3,7 @@
     make services && .venv/bin/python benchmarks/cluster.py
     .venv/bin/python benchmarks/cluster.py --trials 24 --workers 1 2 4
     .venv/bin/python benchmarks/cluster.py --only ask      # one part: rates, server, ask, start
+    .venv/bin/python benchmarks/cluster.py --only start --baseline 1d96174   # on SQLite
 
 1. rates: trials per minute with 1, 2 and 4 cooperating `cnnstudy-train -m` processes
    (started at once, one torch thread each) on one PostgreSQL study, against the same on
@@ -12,7 +13,8 @@
 3. ask: the study loop's own steps per trial (the storage lock, one read of the trials, a
    TPE ask over the hidden-units space, the tell), no training, at trial 20 against trial
    200, on PostgreSQL and on SQLite.
-4. start: from a worker's process start to its first trial's start, per storage.
+4. start: from a worker's process start to its first trial, step by step, and what its
+   imports cost per library; with --baseline REV, against the same worker at REV.
 5. requests: one MLflow request to the tracking server, on the client's kept-alive
    connection (as MLflow's client makes them) and on a fresh connection each time.
 6. imports: what a worker imports before its first trial, each in a fresh process.
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import uuid
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 BUDGET = [
     "trainer=smoke",
     "logger.log_model=false",
@@ -200,23 +204,166 @@ def ask_tell(pg: str, upto: int = 210) -> None:
         )
 
 
-def start(pg: str) -> None:
-    for label in ("PostgreSQL", "SQLite"):
+START = r"""
+import functools, json, sys, time
+out, t0 = sys.argv[1], float(sys.argv[2])
+marks = {}
+
+def mark(owner, name, label, at_exit=True):
+    inner = getattr(owner, name)
+    @functools.wraps(inner)
+    def wrapper(*args, **kwargs):
+        if not at_exit:
+            marks.setdefault(label, time.time() - t0)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            if at_exit:
+                marks.setdefault(label, time.time() - t0)
+    setattr(owner, name, wrapper)
+
+import cnnstudy.run.train as train  # what the console script imports first
+import cnnstudy.study.loop as loop
+import cnnstudy.study.trial as trial
+marks["cnnstudy's command imported (Hydra, OmegaConf)"] = time.time() - t0
+mark(loop.StudyRunner, "run", "the command's config composed", at_exit=False)
+mark(loop.StudyRunner, "_check_before_the_first_trial", "the space checked")
+mark(loop.StudyRunner, "_study", "the study opened (Optuna, its storage)")
+mark(loop.StudyRunner, "_open", "the MLflow parent run opened (MLflow imported)")
+mark(loop.StudyRunner, "_ask", "the first trial asked")
+mark(train, "train", "its run starts (Lightning, torch imported)", at_exit=False)
+mark(trial.TrialRunner, "finish", "the first trial told")
+sys.argv = ["cnnstudy-train", *sys.argv[3:]]
+try:
+    train.main()
+except SystemExit:
+    pass
+with open(out, "w") as f:
+    json.dump(marks, f)
+"""
+
+
+def _import_costs(importtime: str) -> dict[str, float]:
+    """Seconds of imports per library (each module's own time, `python -X importtime`)."""
+    costs: dict[str, float] = {}
+    for line in importtime.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        own, _, name = line[len("import time:") :].split("|")
+        if not own.strip().isdigit():
+            continue
+        library = name.strip().split(".")[0]
+        costs[library] = costs.get(library, 0.0) + int(own) / 1e6
+    return costs
+
+
+def worker_start(where: Path, storage: str, src: Path | None = None) -> dict[str, float]:
+    """One worker on a new study of one minimal trial: when it asked and told its first
+    trial, from its process's start; with this checkout's code, the timeline of its steps
+    and what its imports cost, per library (the latter under -X importtime, its own run)."""
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    args = [
+        "-m",
+        "sweep=hidden_units",
+        f"hydra.sweeper.study_name={name}",
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweeper.storage={storage}",
+        f"logger.experiment_name={name}",
+        f"logger.artifact_location={where}/a",
+        *BUDGET,
+    ]
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{where}/mlflow.db",
+        "PATH": str(BIN),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    if src is not None:  # another checkout's code (the baseline): its console script
+        env["PYTHONPATH"] = str(src)
+        code = "import sys; from cnnstudy.run.train import cli; sys.argv[0] = 'x'; cli()"
+        argv = [sys.executable, "-c", code, *args]
+    else:
+        argv = [sys.executable, "-c", START, str(where / "marks.json"), "", *args]
+    started = time.time()
+    if src is None:
+        argv[4] = repr(started)
+    done = subprocess.run(argv, cwd=where, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(done.stdout[-2000:] + done.stderr[-2000:])
+    (trial,) = _trials(storage, name)
+    seen = {
+        "asked": trial.datetime_start.timestamp() - started,
+        "told": trial.datetime_complete.timestamp() - started,
+    }
+    if src is None:
+        seen.update(json.loads((where / "marks.json").read_text()))
+        again = [  # a new study: the same worker's imports, under -X importtime
+            f"hydra.sweeper.study_name={name}-imports"
+            if a.startswith("hydra.sweeper.study_name=")
+            else f"hydra.sweeper.storage=sqlite:///{where}/imports.db"
+            if a.startswith("hydra.sweeper.storage=")
+            else a
+            for a in argv[1:]
+        ]
+        timed = subprocess.run(
+            [sys.executable, "-X", "importtime", *again],
+            cwd=where,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        seen["imports"] = _import_costs(timed.stderr)
+    if storage.startswith("postgresql"):
+        _drop(storage, name)
+    return seen
+
+
+def start(pg: str | None, baseline: str | None) -> None:
+    """From a worker's process start to its first trial: a timeline of its steps, what its
+    imports cost per library, and (--baseline REV) the same worker at another commit."""
+    rows = []
+    for label in ("SQLite", "PostgreSQL") if pg else ("SQLite",):
         with tempfile.TemporaryDirectory() as tmp:
             where = Path(tmp)
             storage = pg if label == "PostgreSQL" else f"sqlite:///{where}/optuna.db"
-            name = f"bench-{uuid.uuid4().hex[:8]}"
-            _, starts = study_processes(where, storage, f"sqlite:///{where}/mlflow.db", 1, 1, name)
-            (trial,) = _trials(storage, name)
-            asked = trial.datetime_start.timestamp() - starts[0]
-            told = trial.datetime_complete.timestamp() - starts[0]
-            print(
-                f"a worker on {label:<10}: its first trial asked {asked:5.2f} s after its "
-                f"process started, told {told:5.2f} s after (a two-batch trial)",
-                flush=True,
+            seen = worker_start(where, storage)
+        rows.append((label, seen))
+        print(f"a worker on {label} (its process started at 0):")
+        steps = {k: v for k, v in seen.items() if k not in ("asked", "told", "imports")}
+        for step, at in sorted(steps.items(), key=lambda kv: kv[1]):
+            print(f"  {at:5.2f} s  {step}")
+        costs = sorted(seen["imports"].items(), key=lambda kv: -kv[1])
+        total = sum(cost for _, cost in costs)
+        shown = ", ".join(f"{lib} {cost:.2f}" for lib, cost in costs[:9])
+        print(f"  imports: {total:.2f} s in all (-X importtime, its own run): {shown}", flush=True)
+    if baseline is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkout = Path(tmp) / "baseline"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(checkout), baseline],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            now, then = [], []
+            for _ in range(3):  # alternately, this checkout and the baseline
+                for code, kept in ((None, now), (checkout / "src", then)):
+                    with tempfile.TemporaryDirectory() as run_in:
+                        where = Path(run_in)
+                        kept.append(worker_start(where, f"sqlite:///{where}/optuna.db", code))
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, check=False
             )
-            if label == "PostgreSQL":
-                _drop(storage, name)
+    for key in ("asked", "told"):
+        a = statistics.median(seen[key] for seen in now)
+        b = statistics.median(seen[key] for seen in then)
+        print(
+            f"first trial {key}, SQLite, median of 3: {a:.2f} s now, {b:.2f} s at {baseline}: "
+            f"{a / b:.2f}x (goal for the start to the first trial: 0.5x)"
+        )
 
 
 def requests_to(mlflow_url: str, n: int = 20) -> None:
@@ -265,9 +412,15 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("rates", "server", "ask", "start", "requests", "imports")
     )
+    parser.add_argument(
+        "--baseline", metavar="REV", help="with start: the same worker at this commit (SQLite)"
+    )
     args = parser.parse_args()
     if args.only == "imports":
         imports()
+        return
+    if args.only == "start" and args.baseline:  # on SQLite: no services needed
+        start(None, args.baseline)
         return
     pg, mlflow_url = services()
     if args.only in (None, "requests"):
@@ -275,7 +428,7 @@ def main() -> None:
     if args.only in (None, "imports"):
         imports()
     if args.only in (None, "start"):
-        start(pg)
+        start(pg, args.baseline)
     if args.only in (None, "ask"):
         ask_tell(pg)
     if args.only in (None, "server"):

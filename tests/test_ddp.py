@@ -171,3 +171,78 @@ def test_sigterm_stops_every_process_of_a_ddp_run(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     assert run.info.status == "KILLED"
     assert _gone(mark), "a DDP process outlived the run"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_run_on_two_machines_as_srun_starts_it_records_one_run(tmp_path):
+    """trainer.num_nodes=2 as srun starts it: two tasks, one per machine and device (here
+    two processes on this machine with the variables srun gives each task; gloo on CPU).
+    Rank 0 records the one run, its metric over both tasks' shares; rank 1 only trains."""
+    overrides = [
+        "trainer=smoke",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "trainer.accelerator=cpu",
+        "trainer.num_threads=1",
+        "trainer.max_epochs=2",
+        "trainer.limit_val_batches=null",
+    ]
+    port = _free_port()
+    mark = uuid.uuid4().hex
+    tasks = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_"))}
+        env.update(_env(tmp_path, mark))
+        env.update(
+            {  # what srun sets in each task of `srun --nodes=2 --ntasks-per-node=1`
+                "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NAME": "cnnstudy-test",
+                "SLURM_NTASKS": "2",
+                "SLURM_NTASKS_PER_NODE": "1",
+                "SLURM_NNODES": "2",
+                "SLURM_NODELIST": "127.0.0.1",
+                "SLURM_PROCID": str(rank),
+                "SLURM_NODEID": str(rank),
+                "SLURM_LOCALID": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+        )
+        tasks.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "cnnstudy-train"),
+                    *overrides,
+                    "logger.log_images=false",
+                    f"logger.artifact_location={tmp_path}/a",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    for task, (_, err) in zip(tasks, outputs, strict=True):
+        assert task.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+    assert "test/acc" in outputs[0][0] + outputs[0][1]  # rank 0 says the run
+    assert "run " not in outputs[1][0]  # rank 1 records nothing
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.num_nodes"] == "2"
+    assert "test/acc" in run.data.metrics
+    weights = client.download_artifacts(run.info.run_id, "weights/state_dict.pt", str(tmp_path))
+    assert run.data.metrics["val/acc"] == pytest.approx(
+        _val_accuracy(overrides, Path(weights)), abs=1e-6
+    )  # both tasks' halves of the validation split
+    assert _gone(mark)

@@ -33,6 +33,11 @@ CASES = [
     (["trainer.devices=0"], ["trainer.devices=0", "N > 1", "DDP"]),
     (["trainer.devices=2", "trainer.strategy=ddp"], ["trainer.strategy=ddp", "ddp_spawn"]),
     (["trainer.limit_train_batches=0"], ["limit_train_batches=0", "cannot be skipped"]),
+    (["trainer.num_nodes=0"], ["trainer.num_nodes=0", "at least 1"]),
+    (
+        ["trainer.num_nodes=2", "trainer.strategy=ddp_spawn"],
+        ["trainer.strategy=ddp_spawn", "srun", "valid: auto"],
+    ),
     (
         ["model=lenet5", "model.filters_per_stage=[8,16]"],
         ["model.filters=6", "cannot take effect", "model.filters_per_stage=[8, 16]"],
@@ -86,6 +91,16 @@ TRAIN_CASES = [
         ["sqlite:////proc/x.db", "cannot create"],
     ),
     (["logger.tracking_uri=http://127.0.0.1:1"], {}, ["nothing answers at 127.0.0.1:1"]),
+    (
+        ["trainer.num_nodes=2"],
+        {},
+        ["trainer.num_nodes=2", "srun --nodes=2 --ntasks-per-node=1", "SLURM_NTASKS unset"],
+    ),
+    (
+        ["trainer.num_nodes=2", "trainer.devices=2", "trainer.accelerator=cpu"],
+        {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"},
+        ["needs 4 srun tasks", "SLURM_NTASKS=2"],
+    ),
 ]
 
 

@@ -8,6 +8,7 @@ folder's class count filled in, data paths absolute). Plain Python: no torch.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,13 @@ def _check_trainer(cfg: DictConfig) -> None:
             "-m, the whole study: Lightning #11300), and a fork after torch has started its "
             "threads hangs: cnnstudy starts DDP's processes with spawn",
         )
+    _at_least(cfg, "trainer", "num_nodes", 1)
+    if t.num_nodes > 1 and t.strategy != "auto":
+        _fail(
+            "trainer.strategy",
+            t.strategy,
+            "with trainer.num_nodes > 1 the processes are SLURM's tasks (srun): valid: auto",
+        )
     if count > 1 and t.accelerator == "mps":
         _fail("trainer.devices", t.devices, "an Apple GPU is one device; valid with mps: 1")
     if t.matmul_precision not in ("highest", "high", "medium"):
@@ -236,6 +244,37 @@ def _check_trainer(cfg: DictConfig) -> None:
 
 
 STRATEGIES = ("auto", "ddp_spawn")
+
+
+def srun_rank(cfg: DictConfig) -> int | None:
+    """A run on several machines (`trainer.num_nodes` > 1): this process's global rank
+    among the srun tasks that train it, one task per device; None for a run on one
+    machine. What srun must have started is checked here, before anything is created."""
+    t = cfg.trainer
+    if t.num_nodes == 1:
+        return None
+    count = device_count(t.devices) or 1
+    want = count * t.num_nodes
+    tasks = os.environ.get("SLURM_NTASKS")
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if tasks is None or "SLURM_PROCID" not in os.environ:
+        _fail(
+            "trainer.num_nodes",
+            t.num_nodes,
+            f"a run on {t.num_nodes} machines starts as srun's tasks, one per device: srun "
+            f"--nodes={t.num_nodes} --ntasks-per-node={count} cnnstudy-train "
+            f"trainer.num_nodes={t.num_nodes} trainer.devices={count} ... (no srun task here: "
+            "SLURM_NTASKS unset); valid outside srun: 1",
+        )
+    if int(tasks) != want or (per_node and int(per_node) != count):
+        _fail(
+            "trainer.num_nodes",
+            t.num_nodes,
+            f"{t.num_nodes} machines x trainer.devices={count} needs {want} srun tasks, "
+            f"{count} per node; this job has SLURM_NTASKS={tasks}, SLURM_NTASKS_PER_NODE="
+            f"{per_node or 'unset'}: valid: num_nodes x devices = the job's tasks",
+        )
+    return int(os.environ["SLURM_PROCID"])
 
 
 def device_count(devices: Any) -> int | None:

@@ -87,6 +87,8 @@ class TrainerConfig:
     # GPUs), started by `strategy`; [i] picks one device
     devices: Any = 1
     strategy: str = "auto"  # auto: ddp_spawn with several devices; never a re-run of sys.argv
+    # num_nodes: machines for one run; N > 1 runs under srun, one task per device (ddp)
+    num_nodes: int = 1
     matmul_precision: str = "highest"  # float32 matmuls on GPUs: high allows TF32 (trainer=gpu)
     precision: str = (
         "auto"  # auto: bf16-mixed on GPUs with bf16, else 32-true; or Lightning's names

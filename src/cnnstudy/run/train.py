@@ -32,7 +32,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cnnstudy.config.check import check, device_count, resolve
+from cnnstudy.config.check import check, device_count, resolve, srun_rank
 from cnnstudy.config.compose import CONFIG_DIR
 from cnnstudy.data.files import check_files
 from cnnstudy.errors import (
@@ -315,22 +315,27 @@ def _trainer(cfg: DictConfig, hardware: Hardware, logger: Any, callbacks: list[A
         callbacks = [*callbacks, RunProgressBar(leave=True)]
     devices = 1 if t.devices == "auto" else t.devices
     strategy = "auto"
-    if (device_count(t.devices) or 1) > 1:  # DDP: processes spawned, never sys.argv re-run
+    from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    # cnnstudy starts the processes of a run on one machine itself (ddp_spawn): inside a
+    # SLURM job, Lightning would otherwise take the job's one task for the world
+    # (SLURMEnvironment: every spawned process rank 0 of 1) and requeue the job on SIGUSR1
+    environment: Any = LightningEnvironment()
+    if t.num_nodes > 1:  # srun started every process (srun_rank): ddp runs no launcher
+        strategy, environment = "ddp", SLURMEnvironment(auto_requeue=False)
+    elif (device_count(t.devices) or 1) > 1:  # DDP: processes spawned, never sys.argv re-run
         from cnnstudy.run.classifier import RankGuard
 
         strategy = "ddp_spawn" if t.strategy == "auto" else t.strategy
         callbacks = [*callbacks, RankGuard(t.num_threads, _EXPECTED_WARNINGS)]
-    from lightning.pytorch.plugins.environments import LightningEnvironment
 
     return L.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=devices,
+        num_nodes=t.num_nodes,
         strategy=strategy,
-        # cnnstudy starts the processes of a run itself (ddp_spawn): inside a SLURM job,
-        # Lightning would otherwise take the job's one task for the world (SLURMEnvironment:
-        # every spawned process rank 0 of 1) and requeue the job on SIGUSR1 on its own
-        plugins=[LightningEnvironment()],
+        plugins=[environment],
         precision=hardware.precision,
         deterministic=deterministic,
         limit_train_batches=t.limit_train_batches,
@@ -368,6 +373,7 @@ def train(
     """
     cfg = resolve(cfg)
     layers = check(cfg)
+    rank = srun_rank(cfg)  # several machines: srun's tasks, rank 0 the one that records
     check_files(cfg.data)
     uri = store.tracking_uri(cfg, tracking_uri)
     store.check_store(uri)
@@ -417,6 +423,8 @@ def train(
         if hardware.channels_last:
             network = network.to(memory_format=torch.channels_last)
         system = Classifier(network, cfg.data.num_classes, optimizer, scheduler)
+        if rank:  # another machine's process of a multi-node run: it trains, rank 0 records
+            return _follow(cfg, hardware, system, datamodule, root_dir, started, uri)
 
         mlflow.set_tracking_uri(uri)
         experiment_id = store.open_experiment(
@@ -464,7 +472,10 @@ def train(
                     getattr(callback, "raise_if_stopped", lambda: None)()
                 tester = trainer
                 if trainer.world_size > 1:  # the test set in this process, on one device
-                    one = OmegaConf.merge(cfg, {"trainer": {"devices": 1, "progress_bar": False}})
+                    _leave_process_group()  # srun's processes: the others are done
+                    one = OmegaConf.merge(
+                        cfg, {"trainer": {"devices": 1, "num_nodes": 1, "progress_bar": False}}
+                    )
                     tester = _trainer(one, hardware, logger, [], root_dir or os.getcwd())
                 for result in tester.test(system, datamodule=datamodule, verbose=False):
                     metrics.update({k: float(v) for k, v in result.items()})
@@ -503,6 +514,36 @@ def train(
                 mlflow.end_run("KILLED")
                 raise
     return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
+
+
+def _follow(
+    cfg: DictConfig,
+    hardware: Hardware,
+    system: Any,
+    datamodule: Any,
+    root_dir: str | None,
+    started: float,
+    uri: str,
+) -> RunResult:
+    """A process of rank > 0 in a run on several machines: its share of the fit, with no
+    MLflow run of its own (rank 0 records the run, its metrics summed over every
+    process); the test set is rank 0's, after the fit."""
+    from cnnstudy.run.classifier import SignalCheck
+
+    callbacks = [SignalCheck(raise_if_signalled)]
+    trainer = _trainer(cfg, hardware, False, callbacks, root_dir or os.getcwd())
+    with diverged_in_a_process():
+        trainer.fit(system, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    _leave_process_group()
+    return RunResult("", "", uri, metrics, time.perf_counter() - started)
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -600,8 +641,8 @@ def _hydra_main(cfg: DictConfig) -> dict[str, float] | None:
             sys.exit(EXIT_USER_ERROR)
         _failed_jobs.append(" ".join(override_secret(o) for o in overrides))  # the sweep goes on
         return None
-    if context.current() is None:  # a study prints one line per trial instead
-        get_log().info(summary(result))
+    if context.current() is None and result.run_id:  # a study prints a line per trial instead
+        get_log().info(summary(result))  # (and of a multi-node run's processes, rank 0)
     return result.metrics
 
 

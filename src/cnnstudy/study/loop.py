@@ -229,6 +229,13 @@ class StudyRunner:
 
             jobs.check(self.config, s.storage_url, tracking_uri(run_config(self.config)))
         check_storage(s.storage_url)
+        nodes = self.fixed_values.get("trainer.num_nodes", self.config.trainer.get("num_nodes", 1))
+        if "trainer.num_nodes" in space or int(nodes) != 1:
+            raise ConfigError(
+                f"trainer.num_nodes={nodes}: a study's trial trains on one machine (its "
+                "devices: trainer.devices=N); several machines train one run: srun ... "
+                "cnnstudy-train trainer.num_nodes=M, without -m"
+            )
         for params in s.enqueue or []:
             unknown = [k for k in dict(params) if k not in space and k not in self.fixed_values]
             if unknown:
