@@ -136,7 +136,7 @@ def test_a_gpu_asked_for_on_a_machine_without_one_is_a_config_error(tmp_path):
     ("override", "words"),
     [
         ("model.fitlers=8", ["model.fitlers", "not in 'ModelConfig'"]),
-        ("model.stride=two", ["model.stride", "'two'", "Integer"]),
+        ("model.stride=two", ["model.stride=two", "whole number >= 1", "one per axis (H, W)"]),
         ("model=resnet", ["model/resnet", "lenet5", "mlp", "seed_example"]),
     ],
 )

@@ -124,7 +124,7 @@ def _one_form(m: DictConfig, scalars: tuple[str, str], explicit: str, per: str, 
         _fail(f"model.{growth}", m[growth], "must be positive (2 doubles, 1 keeps, 0.5 halves)")
 
 
-def _check_model(m: DictConfig) -> None:
+def _check_model(m: DictConfig, dims: int = 2) -> None:
     if m.activation not in ACTIVATIONS:
         _fail("model.activation", m.activation, f"valid: {', '.join(ACTIVATIONS)}")
     if m.pool not in POOLS:
@@ -132,9 +132,10 @@ def _check_model(m: DictConfig) -> None:
     for key in ("stages", "hidden_layers"):
         if m[key] < 0:
             _fail(f"model.{key}", m[key], "must be at least 0")
-    for key in ("convs_per_stage", "receptive_field", "stride", "pool_size", "pool_stride"):
-        if m[key] < 1:
-            _fail(f"model.{key}", m[key], "must be at least 1")
+    if m.convs_per_stage < 1:
+        _fail("model.convs_per_stage", m.convs_per_stage, "must be at least 1")
+    for key in ("receptive_field", "stride", "pool_size", "pool_stride"):
+        _per_axis(m, key, dims, 1)
     _one_form(m, ("filters", "filter_growth"), "filters_per_stage", "stage", m.stages)
     _one_form(
         m,
@@ -147,14 +148,41 @@ def _check_model(m: DictConfig) -> None:
         if not 0.0 <= m[key] < 1.0 or math.isnan(m[key]):
             _fail(f"model.{key}", m[key], "must be a fraction in [0, 1)")
     padding = m.padding
-    if isinstance(padding, bool) or not (
-        padding == "same" or (isinstance(padding, int) and padding >= 0)
-    ):
-        _fail("model.padding", padding, "must be a whole number >= 0 or 'same'")
-    if padding == "same" and m.stride != 1:
+    if padding != "same":
+        _per_axis(m, "padding", dims, 0, "or 'same'")
+    strides = m.stride if isinstance(m.stride, ListConfig) else [m.stride]
+    if padding == "same" and any(s != 1 for s in strides):
         _fail(
-            "model.padding", padding, f"'same' needs model.stride=1 (got {m.stride}); give a number"
+            "model.padding",
+            padding,
+            f"'same' needs model.stride=1 (got {_show(m.stride)}); give a number",
         )
+
+
+def _per_axis(m: DictConfig, key: str, dims: int, low: int, also: str = "") -> None:
+    """One whole number for every axis, or a list of one per axis of the input."""
+    from cnnstudy.network.plan import AXES
+
+    value = m[key]
+    names = ", ".join(AXES[dims])
+    per = f"or a list of {dims}, one per axis ({names})"
+    if isinstance(value, ListConfig):
+        items = list(value)
+        if len(items) != dims:
+            _fail(
+                f"model.{key}",
+                value,
+                f"the input has {dims} ax{'is' if dims == 1 else 'es'} ({names}): give one "
+                f"number for all, or {dims} in the list",
+            )
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in items):
+            _fail(f"model.{key}", value, f"every value must be a whole number >= {low}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(f"model.{key}", value, f"must be a whole number >= {low} {also}{per}".strip())
+    if value < low:
+        word = f"must be at least {low}" if low else f"must be a whole number >= {low}"
+        _fail(f"model.{key}", value, f"{word} {also}".strip())
 
 
 def _check_data(cfg: DictConfig) -> None:
@@ -163,14 +191,27 @@ def _check_data(cfg: DictConfig) -> None:
         _fail("data.name", d.name, f"unknown dataset; valid: {', '.join(DATASETS)} (data=NAME)")
     if d.name == "folder" and not d.path:
         _fail("data.path", d.path, "data=folder needs the image folder: data.path=/some/images")
+    if d.name == "npz" and not d.path:
+        _fail("data.path", d.path, "data=npz needs the arrays' file: data.path=/some/data.npz")
+    if d.name == "sequential_mnist" and (
+        d.length is None or (d.channels, d.length) not in ((1, 784), (28, 28))
+    ):
+        _fail(
+            "data.length",
+            d.length,
+            f"sequential MNIST reads each 28x28 image as 784 steps of 1 pixel (data.length=784 "
+            f"data.channels=1) or as 28 rows of 28 pixels (data.length=28 data.channels=28); "
+            f"data.channels={d.channels}",
+        )
     if d.fit not in FITS:
         _fail("data.fit", d.fit, f"valid: {', '.join(FITS)}")
     if d.bad_images not in ("error", "skip"):
         _fail("data.bad_images", d.bad_images, "valid: error, skip")
-    for key in ("channels", "height", "width", "batch_size"):
+    _check_axes(d)
+    for key in ("channels", "batch_size"):
         _at_least(cfg, "data", key, 1)
     _at_least(cfg, "data", "augment_shift", 0)
-    if d.channels not in (1, 3):
+    if d.channels not in (1, 3) and d.name in IMAGE_SOURCES:
         _fail("data.channels", d.channels, "images are read as grayscale (1) or RGB (3)")
     if d.classes:
         if len(set(d.classes)) != len(d.classes) or min(d.classes) < 0:
@@ -184,7 +225,7 @@ def _check_data(cfg: DictConfig) -> None:
                 f"data.classes keeps {len(d.classes)} classes: set data.num_classes="
                 f"{len(d.classes)} (or 0, counted from data.classes)",
             )
-    elif not (d.num_classes == 0 and d.name == "folder"):
+    elif not (d.num_classes == 0 and d.name in ("folder", "npz")):
         _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
         _share(cfg, "data", key)
@@ -200,6 +241,39 @@ def _check_data(cfg: DictConfig) -> None:
             _fail(f"data.{key}", values, f"needs one value per channel ({d.channels}) or []")
     if any(s <= 0 for s in d.std):
         _fail("data.std", d.std, "every standard deviation must be positive")
+
+
+IMAGE_SOURCES = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "folder")
+
+
+def _check_axes(d: DictConfig) -> None:
+    """The input's axes: `length` for sequences, height x width for images, `depth` x
+    height x width for volumes and clips; a key that cannot take effect is an error."""
+    if d.length is not None:
+        for key in ("height", "width", "depth"):
+            if d[key] is not None:
+                _fail(
+                    f"data.{key}",
+                    d[key],
+                    f"cannot take effect: data.length={d.length} makes the input a sequence "
+                    f"(1D); set data.{key}=null, or data.length=null for images",
+                )
+        wanted = ("length",)
+    else:
+        wanted = ("height", "width") if d.depth is None else ("depth", "height", "width")
+    for key in wanted:
+        if d[key] is None or d[key] < 1:
+            _fail(f"data.{key}", d[key], "must be at least 1")
+    if len(wanted) != 2:
+        if d.name in IMAGE_SOURCES:
+            _fail(
+                f"data.{wanted[0]}",
+                d[wanted[0]],
+                f"data={d.name} holds 2D images: set data.length=null and data.depth=null",
+            )
+        for key, value in (("augment_shift", d.augment_shift), ("augment_flip", d.augment_flip)):
+            if value:
+                _fail(f"data.{key}", value, "shifts and flips apply to 2D images only")
 
 
 def _check_trainer(cfg: DictConfig) -> None:
@@ -331,6 +405,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.num_classes = len(cfg.data.classes)
     elif cfg.data.name == "folder" and cfg.data.num_classes == 0 and cfg.data.path:
         cfg.data.num_classes = count_classes(Path(cfg.data.path))
+    elif cfg.data.name == "npz" and cfg.data.num_classes == 0 and cfg.data.path:
+        from cnnstudy.data.files import count_npz_classes
+
+        cfg.data.num_classes = count_npz_classes(cfg.data)
     for key in ("root", "path", "cache_dir"):
         if cfg.data[key]:
             cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
@@ -340,11 +418,11 @@ def resolve(cfg: DictConfig) -> DictConfig:
 def check(cfg: DictConfig) -> list:
     """Check everything the types do not, then the architecture's arithmetic; raise
     ConfigError, or return the shape plan (network.plan.Layer rows). `cfg` is unchanged."""
-    from cnnstudy.network.plan import plan
+    from cnnstudy.network.plan import dims_of, plan
 
     _unknown_keys(cfg)
-    _check_model(cfg.model)
     _check_data(cfg)
+    _check_model(cfg.model, dims_of(cfg.data))
     _check_trainer(cfg)
     _check_optimizer(cfg)
     data = cfg.data

@@ -16,7 +16,16 @@ from hydra.core.config_store import ConfigStore
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "none")
 POOLS = ("max", "avg", "none")
-DATASETS = ("digits", "mnist", "fashion_mnist", "kmnist", "cifar10", "folder")
+DATASETS = (
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "kmnist",
+    "cifar10",
+    "folder",
+    "sequential_mnist",
+    "npz",
+)
 FITS = ("resize", "pad", "resize_pad")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -35,13 +44,15 @@ class ModelConfig:
     filters: int | None = 10  # filters in the first stage
     filter_growth: float | None = 1.0  # x per stage: 2 ascending, 1 constant, 0.5 descending
     filters_per_stage: list[int] | None = None  # explicit counts, with filters/growth null
-    receptive_field: int = 5  # F: side of each conv filter
-    stride: int = 1  # S: conv stride
+    # F, S, P and the pool's window and stride: one number for every axis of the input, or
+    # a list of one per axis ([3, 5, 5] for a 3D clip: 3 frames by 5x5 pixels)
+    receptive_field: Any = 5  # F: side of each conv filter
+    stride: Any = 1  # S: conv stride
     padding: Any = 0  # P: zero padding on each side, or "same" (output size = input size)
     activation: str = "relu"  # after each conv and hidden layer: relu, tanh, sigmoid, none
     pool: str = "max"  # after each stage: max, avg, none
-    pool_size: int = 2
-    pool_stride: int = 2
+    pool_size: Any = 2
+    pool_stride: Any = 2
     pool_dropout: float = 0.0  # dropout after each pool
     hidden_layers: int = 1  # fully connected layers before the output layer
     hidden_units: int | None = 200  # units in the first hidden layer
@@ -57,8 +68,12 @@ class DataConfig:
     download: bool = False  # torchvision datasets: fetch missing files (needs the internet)
     path: str = ""  # folder: one subfolder of images per class (torchvision's ImageFolder layout)
     channels: int = 1  # input channels the network sees (images are converted: L or RGB)
-    height: int = 32
-    width: int = 32
+    # the input's axes: height x width for images; `length` alone for sequences (1D, with
+    # height and width null); `depth` x height x width for volumes and clips (3D)
+    height: int | None = 32
+    width: int | None = 32
+    length: int | None = None
+    depth: int | None = None
     fit: str = "resize"  # how images reach height x width: resize, pad (centre/crop), resize_pad
     bad_images: str = (
         "error"  # folder: unreadable files stop the run (error) or are left out (skip)

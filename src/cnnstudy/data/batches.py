@@ -139,7 +139,7 @@ class ImageDataModule(L.LightningDataModule):
         self.on_device = {
             name: Split(s.images.to(where), s.labels.to(where)) for name, s in splits.items()
         }
-        shape = (1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (splits.train.images.dim() - 2)  # channels of any axes
         self.mean_t = torch.tensor(self.mean, device=device).view(shape)
         self.std_t = torch.tensor(self.std, device=device).view(shape)
 

@@ -70,6 +70,7 @@ TORCHVISION = {
     "mnist": ("MNIST", "MNIST/raw", _MNIST_FILES),
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES),
     "kmnist": ("KMNIST", "KMNIST/raw", _MNIST_FILES),
+    "sequential_mnist": ("MNIST", "MNIST/raw", _MNIST_FILES),  # MNIST's files, read as sequences
     "cifar10": (
         "CIFAR10",
         "cifar-10-batches-py",
@@ -148,6 +149,41 @@ def check_files(data: Any) -> None:
                     )
     elif data.name == "folder":
         class_folders(Path(data.path))
+    elif data.name == "npz":
+        npz_file(data)
+
+
+def npz_file(data: Any) -> Path:
+    """data=npz: the file, there and a zip archive (numpy's .npz), or a ConfigError."""
+    path = Path(data.path).expanduser().resolve() if data.path else None
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"data.path={data.path or '(empty)'}: data=npz needs a .npz file holding x_train "
+            "and y_train (and x_test, y_test where the data has its own test split); see the "
+            "README, Data: arrays"
+        )
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ConfigError(
+                f"data.path={path}: not a .npz file (numpy.savez writes a zip archive); "
+                "save the arrays with numpy.savez(path, x_train=..., y_train=...)"
+            )
+    return path
+
+
+def count_npz_classes(data: Any) -> int:
+    """data=npz, data.num_classes=0: the classes the file names, else the largest label + 1."""
+    import numpy as np
+
+    path = npz_file(data)
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "classes" in arrays.files:
+                return len(arrays["classes"])
+            top = max(int(arrays[y].max()) for y in ("y_train", "y_test") if y in arrays.files)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"data.path={path}: cannot count its classes ({err})") from None
+    return top + 1
 
 
 def file_identity(data: Any) -> list[tuple[str, int, int]]:
@@ -157,6 +193,8 @@ def file_identity(data: Any) -> list[tuple[str, int, int]]:
         files = expected_files(data)
     elif data.name == "folder":
         files = [file for file, _ in image_files(Path(data.path))]
+    elif data.name == "npz":
+        files = [Path(data.path).expanduser().resolve()]
     else:
         files = []
     identity = []

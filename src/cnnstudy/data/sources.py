@@ -198,8 +198,140 @@ def folder(data: Any) -> Decoded:
     )
 
 
+# ---------------------------------------------------------------------------- sequences
+
+
+def sequential_mnist(data: Any) -> Decoded:
+    """MNIST read as sequences (1D): each 28x28 image as 784 steps of one pixel, row after
+    row (data.length=784, data.channels=1), or as 28 steps of a row's 28 pixels
+    (data.length=28, data.channels=28). The same files, splits and labels as data=mnist."""
+    from omegaconf import OmegaConf
+
+    as_images = OmegaConf.merge(
+        data,
+        {"name": "mnist", "length": None, "height": 28, "width": 28, "channels": 1, "fit": "pad"},
+    )
+    decoded = torchvision_dataset(as_images)
+
+    def rows(images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        if data.channels == 1:
+            return images.reshape(n, 1, 28 * 28).contiguous()
+        return images.reshape(n, 28, 28).transpose(1, 2).contiguous()  # row t: channels
+
+    decoded.images = rows(decoded.images)
+    decoded.test_images = rows(decoded.test_images)
+    decoded.source = f"{decoded.source} (as sequences)"
+    return decoded
+
+
+# ---------------------------------------------------------------------------- arrays
+
+
+def npz(data: Any) -> Decoded:
+    """The user's own sequences, images, volumes or clips from a .npz file (numpy.savez):
+    x_train, y_train, and x_test, y_test where the data has its own test split; an
+    optional `classes` array names the classes. x holds N samples of C channels by the
+    axes (N x C x L, N x C x H x W, N x C x D x H x W), or without the channel axis for
+    one channel. Values are kept as float32. What does not match the config is said with
+    the array's shape and the keys to set."""
+    import numpy as np
+
+    from cnnstudy.data.files import npz_file
+    from cnnstudy.network.plan import AXES, dims_of, input_size
+
+    path = npz_file(data)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.path={path}: numpy cannot read it ({err})") from None
+    with arrays:
+        names = set(arrays.files)
+        for needed in ("x_train", "y_train"):
+            if needed not in names:
+                raise ConfigError(
+                    f"data.path={path}: no array {needed} (it holds: "
+                    f"{', '.join(sorted(names)) or 'nothing'}); save x_train, y_train and "
+                    "optionally x_test, y_test, classes"
+                )
+        if ("x_test" in names) != ("y_test" in names):
+            raise ConfigError(f"data.path={path}: x_test and y_test come together, or neither")
+        dims = dims_of(data)
+        size = input_size(data)
+        axes = dict(zip(AXES[dims], size, strict=True))
+        keys = {"L": "length", "D": "depth", "H": "height", "W": "width"}
+
+        def samples(name: str) -> torch.Tensor:
+            try:
+                x = arrays[name]
+            except ValueError as err:  # an object array: sequences of unequal lengths
+                raise ConfigError(
+                    f"data.path={path}: {name} is not one rectangular array ({err}); sequences "
+                    "of unequal lengths are not padded by cnnstudy: pad or cut them to one "
+                    "length first (numpy.pad), and set data.length to it"
+                ) from None
+            if x.ndim == dims + 1:
+                x = x[:, None]
+            want = (data.channels, *size)
+            if x.ndim != dims + 2 or tuple(x.shape[1:]) != want:
+                said = " ".join(f"data.{keys[a]}={n}" for a, n in axes.items())
+                raise ConfigError(
+                    f"data.path={path}: {name} has shape {list(x.shape)}; the config expects "
+                    f"N x {' x '.join(map(str, want))} (data.channels={data.channels} {said}"
+                    f"). Set data.channels and data.{', data.'.join(keys[a] for a in axes)} "
+                    "to the array's"
+                )
+            if not np.issubdtype(x.dtype, np.number):
+                raise ConfigError(f"data.path={path}: {name} holds {x.dtype}, not numbers")
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0])
+                raise ConfigError(
+                    f"data.path={path}: {name}[{bad}] holds NaN or infinite values; fill or "
+                    "drop those samples first"
+                )
+            return x
+
+        def labels(name: str, n: int) -> torch.Tensor:
+            y = arrays[name]
+            if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+                raise ConfigError(
+                    f"data.path={path}: {name} must be {n} whole-number class labels, one per "
+                    f"sample; it has shape {list(y.shape)} and type {y.dtype}"
+                )
+            return torch.from_numpy(y.astype(np.int64))
+
+        x_train = samples("x_train")
+        y_train = labels("y_train", len(x_train))
+        x_test = y_test = None
+        if "x_test" in names:
+            x_test = samples("x_test")
+            y_test = labels("y_test", len(x_test))
+        top = int(max(y_train.max(), y_test.max() if y_test is not None else 0))
+        if int(y_train.min()) < 0 or (y_test is not None and int(y_test.min()) < 0):
+            raise ConfigError(f"data.path={path}: class labels must be 0 or more")
+        count = top + 1
+        if "classes" in names:
+            classes = [str(c) for c in arrays["classes"]]
+            if len(classes) < count:
+                raise ConfigError(
+                    f"data.path={path}: classes names {len(classes)} classes; the labels go "
+                    f"up to {top}"
+                )
+        else:
+            classes = [str(i) for i in range(count)]
+    if data.num_classes and data.num_classes != len(classes):
+        raise ConfigError(
+            f"data.num_classes={data.num_classes}: {path} has {len(classes)} classes; set "
+            f"data.num_classes={len(classes)} (or 0: counted from the file)"
+        )
+    return Decoded(x_train, y_train, classes, x_test, y_test, source=str(path))
+
+
 SOURCES = {
     "digits": digits,
     "folder": folder,
     **{name: torchvision_dataset for name in TORCHVISION},
+    "sequential_mnist": sequential_mnist,
+    "npz": npz,
 }

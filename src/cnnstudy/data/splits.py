@@ -79,6 +79,8 @@ def decode_key(data: Any) -> str:
     where = ""
     if data.name == "folder":
         where = str(Path(data.path).expanduser().resolve())
+    elif data.name == "npz":
+        where = str(Path(data.path).expanduser().resolve())
     elif data.name != "digits":
         where = str(Path(data.root).expanduser().resolve())
     settings = {
@@ -88,6 +90,8 @@ def decode_key(data: Any) -> str:
         "channels": data.channels,
         "height": data.height,
         "width": data.width,
+        "length": data.get("length"),
+        "depth": data.get("depth"),
         "fit": data.fit,
         "bad_images": data.bad_images,
         "files": file_identity(data),
@@ -244,7 +248,13 @@ def subset(splits: Splits, keep: list[int]) -> Splits:
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and standard deviation of uint8 images, in pixel units (0-255),
-    from a 256-bin histogram per channel (no float copy of the dataset)."""
+    from a 256-bin histogram per channel (no float copy of the dataset); of float data
+    (sequences and volumes from arrays), in float64, channel by channel."""
+    if images.dtype != torch.uint8:
+        channels = images.transpose(0, 1).reshape(images.shape[1], -1).double()
+        means = channels.mean(1)
+        stds = channels.std(1) if channels.shape[1] > 1 else torch.zeros_like(means)
+        return means.tolist(), stds.tolist()
     values = torch.arange(256, dtype=torch.float64)
     means, stds = [], []
     for c in range(images.shape[1]):

@@ -14,15 +14,17 @@ _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 class FlattenHWC(nn.Module):
-    """(N, C, H, W) feature maps to (N, H*W*C) vectors, in height, width, channel order:
-    the order of describe's HxWxC shapes, and of memory in channels_last maps, the layout
-    the convolutions run in. There flattening is a free view, and its gradient keeps the
-    maps' layout; nn.Flatten's channel-first order would copy the maps forward and hand the
-    layers below a gradient in the other layout (a slow mixed-layout backward).
+    """(N, C, *axes) feature maps to (N, axes*C) vectors, channels last: for images
+    height, width, channel order, the order of describe's HxWxC shapes, and of memory in
+    channels_last maps, the layout the convolutions run in. There flattening is a free
+    view, and its gradient keeps the maps' layout; nn.Flatten's channel-first order would
+    copy the maps forward and hand the layers below a gradient in the other layout (a slow
+    mixed-layout backward). Sequences and volumes flatten in the same order (L x C,
+    D x H x W x C).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1).flatten(1)
+        return x.movedim(1, -1).flatten(1)
 
 
 def _plain_relu(module: nn.Module | None) -> bool:
@@ -64,17 +66,25 @@ def build_network(layers: list[Layer], cpu_kernels: bool = True) -> Network:
     """
     modules: OrderedDict[str, nn.Module] = OrderedDict()
     for layer in layers:
+        dims = layer.dims
         if layer.kind == "conv":
-            out_c, in_c, f, _ = layer.weight_shape
-            modules[layer.name] = nn.Conv2d(in_c, out_c, f, layer.stride, layer.padding)
+            out_c, in_c, *field = layer.weight_shape
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+            modules[layer.name] = conv(in_c, out_c, tuple(field), layer.stride, layer.padding)
         elif layer.kind == "pool":
             deferred = None
             if layer.activation == "max":
-                pool = PoolMax2d(layer.receptive_field, layer.stride, cpu_kernel=cpu_kernels)
+                if dims == 2:  # cnnstudy's CPU kernels are for 2D maps only
+                    pool = PoolMax2d(layer.receptive_field, layer.stride, cpu_kernel=cpu_kernels)
+                else:
+                    pool = {1: nn.MaxPool1d, 3: nn.MaxPool3d}[dims](
+                        layer.receptive_field, layer.stride
+                    )
                 if isinstance(next(reversed(modules.values()), None), tuple(_ACTIVATIONS.values())):
                     deferred = modules.popitem()  # the conv's activation, moved after the pool
             else:
-                pool = nn.AvgPool2d(layer.receptive_field, layer.stride)
+                avg = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
+                pool = avg(layer.receptive_field, layer.stride)
             modules[layer.name] = pool
             if deferred:
                 modules[deferred[0]] = deferred[1]

@@ -5,8 +5,10 @@
 numbers, weight tensor shape, parameters and connections. The torch model is
 built from the same plan, so the arithmetic shown is the network trained.
 
-Output size of a conv or pool layer: floor((W - F + 2P) / S) + 1.
-Shapes are (channels, height, width) for feature maps and (units,) for flat layers.
+Output size of a conv or pool layer, on each axis: floor((W - F + 2P) / S) + 1.
+Shapes are (channels, *axes) for feature maps, the axes (length), (height, width) or
+(depth, height, width) as the data has them, and (units,) for flat layers. F, S and P
+are one number for every axis or one per axis.
 """
 
 from __future__ import annotations
@@ -18,36 +20,86 @@ from typing import Any
 from cnnstudy.errors import ConfigError
 
 
+AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # length; height, width; depth
+
+
+def dims_of(data: Any) -> int:
+    """The input's spatial axes, from the data: 1 for sequences (`data.length`), 3 for
+    volumes and clips (`data.depth`, with height and width), 2 for images."""
+    if data.get("length") is not None:
+        return 1
+    return 3 if data.get("depth") is not None else 2
+
+
+def input_size(data: Any) -> tuple[int, ...]:
+    """(length,), (height, width) or (depth, height, width)."""
+    dims = dims_of(data)
+    if dims == 1:
+        return (int(data.length),)
+    size = (int(data.height), int(data.width))
+    return (int(data.depth), *size) if dims == 3 else size
+
+
+def per_axis(value: Any, dims: int) -> tuple[int, ...]:
+    """A model key's value on each axis: one number for all, or a list of one per axis."""
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(int(v) for v in value)
+
+
+def compact(values: tuple[int, ...]) -> int | tuple[int, ...]:
+    """One number where every axis has it, else the tuple."""
+    return values[0] if len(set(values)) == 1 else values
+
+
+def axis_text(value: Any, dims: int = 1) -> str:
+    """3, or 3x5x5 for a value per axis; an int repeated over `dims` axes when dims > 1
+    and asked for (the patch an output sees)."""
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return "x".join([str(value)] * dims)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """Feature maps as their axes then channels (32x32x1, 784x1, 16x28x28x1); flat
+    layers as their count."""
+    if len(shape) >= 2:
+        return "x".join(str(n) for n in (*shape[1:], shape[0]))
+    return f"{shape[0]:,}"
+
+
 @dataclass(frozen=True)
 class Layer:
     name: str  # conv1_1, pool1, flatten, fc1, output, dropout...
     kind: str  # input, conv, pool, dropout, flatten, fc, output
-    in_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]  # (channels, *axes) for feature maps, (units,) for flat layers
     out_shape: tuple[int, ...]
-    receptive_field: int | None = None  # F, the filter or pool window side
-    stride: int | None = None
-    padding: int | str | None = None
+    receptive_field: int | tuple[int, ...] | None = None  # F: one number, or one per axis
+    stride: int | tuple[int, ...] | None = None
+    padding: int | tuple[int, ...] | str | None = None
     formula: str = ""  # output size, numbers filled in
-    weight_shape: tuple[int, ...] | None = None  # torch layout: out x in x F x F, or out x in
+    weight_shape: tuple[int, ...] | None = None  # torch layout: out x in x F..., or out x in
     weights_per_neuron: int | None = None  # weights + 1 bias, per filter or per unit
     params: int = 0
     connections: int = 0  # weighted edges incl. bias; for pooling, window inputs per output
-    input_field: int | None = None  # side of the input-image patch one output value sees
+    input_field: int | tuple[int, ...] | None = None  # the input patch one output sees, per axis
     activation: str | None = None
     dropout: float | None = None
 
     @property
     def outputs(self) -> int:
-        n = 1
-        for d in self.out_shape:
-            n *= d
-        return n
+        return math.prod(self.out_shape)
+
+    @property
+    def dims(self) -> int:
+        """Spatial axes of the layer's input (0 for flat layers)."""
+        return len(self.in_shape) - 1
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
-        row["in_shape"] = list(self.in_shape)
-        row["out_shape"] = list(self.out_shape)
-        row["weight_shape"] = list(self.weight_shape) if self.weight_shape else None
+        for key, value in row.items():
+            if isinstance(value, tuple):
+                row[key] = list(value)
         row["outputs"] = self.outputs
         return row
 
@@ -81,99 +133,127 @@ def _side(size: int, field: int, pad: int, stride: int) -> tuple[int, str]:
 def _sliding(
     name: str,
     where: str,
-    shape: tuple[int, int, int],
-    field: int,
-    pad: int,
-    stride: int,
+    shape: tuple[int, ...],
+    field: tuple[int, ...],
+    pad: tuple[int, ...],
+    stride: tuple[int, ...],
     key: str,
     value: Any,
-) -> tuple[int, int, str]:
-    """Output height and width of a sliding window; a ConfigError when either is below 1."""
-    _, h, w = shape
-    out_h, f_h = _side(h, field, pad, stride)
-    out_w, f_w = _side(w, field, pad, stride)
-    formula = f_h if h == w else f"H: {f_h}; W: {f_w}"
-    if out_h < 1 or out_w < 1:
-        c = shape[0]
+) -> tuple[tuple[int, ...], str]:
+    """Output size on each axis of a sliding window; a ConfigError naming the axis and its
+    formula when any is below 1."""
+    size = shape[1:]
+    names = AXES[len(size)]
+    sides = [_side(n, f, p, s) for n, f, p, s in zip(size, field, pad, stride, strict=True)]
+    same = len(set(zip(size, field, pad, stride, strict=True))) == 1
+    formula = sides[0][1] if same else "; ".join(f"{a}: {t}" for a, (_, t) in zip(names, sides))
+    bad = [i for i, (out, _) in enumerate(sides) if out < 1]
+    if bad:
+        on = "" if len(bad) == len(size) else " on axis " + ", ".join(names[i] for i in bad)
+        widest = min(size[i] + 2 * pad[i] for i in bad)
         raise ConfigError(
-            f"{key}={value}: {name} ({where}) gets a {h}x{w}x{c} input and its output size "
-            f"would be {formula}, below 1. Valid: a window of at most {min(h, w) + 2 * pad} "
-            "here, more padding (model.padding), a smaller stride, or fewer stages (model.stages)."
+            f"{key}={_show(value)}: {name} ({where}) gets a {shape_text(shape)} input and its "
+            f"output size would be {formula}, below 1{on}. Valid: a window of at most {widest}"
+            f"{on} here, more padding (model.padding), a smaller stride, or fewer stages "
+            "(model.stages)."
         )
-    return out_h, out_w, formula
+    return tuple(out for out, _ in sides), formula
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def plan(model: Any, data: Any) -> list[Layer]:
-    """The layers of the network `model` describes, for inputs of `data`'s shape."""
-    shape: tuple[int, ...] = (data.channels, data.height, data.width)
-    field, jump = 1, 1  # receptive field on the input image, and its step, of the current map
+    """The layers of the network `model` describes, for inputs of `data`'s shape: 1D
+    (sequences), 2D (images) or 3D (volumes, clips), as the data has them."""
+    size = input_size(data)
+    dims = len(size)
+    shape: tuple[int, ...] = (data.channels, *size)
+    # receptive field on the input, and its step, of the current map: per axis
+    field, jump = (1,) * dims, (1,) * dims
     layers = [Layer("input", "input", shape, shape, input_field=1)]
     act = model.activation
+    f = per_axis(model.receptive_field, dims)
+    stride = per_axis(model.stride, dims)
     for s, filters in enumerate(stage_filters(model), start=1):
         for k in range(1, model.convs_per_stage + 1):
-            c, h, w = shape
+            c, here = shape[0], shape[1:]
             name = f"conv{s}_{k}" if model.convs_per_stage > 1 else f"conv{s}"
-            f, stride = model.receptive_field, model.stride
             if model.padding == "same":
-                out_h, out_w = h, w
-                pad: int | str = "same"
-                formula = f"same: P = ({f} - 1)/2 = {(f - 1) / 2:g}, output = input = {h}"
-                if h != w:
-                    formula = f"same: output = input = {h}x{w}"
+                out_size = here
+                pad: int | tuple[int, ...] | str = "same"
+                if len(set(here)) == 1 and len(set(f)) == 1:
+                    formula = (
+                        f"same: P = ({f[0]} - 1)/2 = {(f[0] - 1) / 2:g}, output = input = "
+                        f"{here[0]}"
+                    )
+                else:
+                    formula = f"same: output = input = {axis_text(here)}"
             else:
-                pad = int(model.padding)
-                out_h, out_w, formula = _sliding(
-                    name, f"stage {s}, conv {k}", shape, f, pad, stride, "model.receptive_field", f
+                pads = per_axis(model.padding, dims)
+                pad = compact(pads)
+                out_size, formula = _sliding(
+                    name,
+                    f"stage {s}, conv {k}",
+                    shape,
+                    f,
+                    pads,
+                    stride,
+                    "model.receptive_field",
+                    model.receptive_field,
                 )
-            per = f * f * c + 1
-            out = (filters, out_h, out_w)
-            field, jump = field + (f - 1) * jump, jump * stride
+            per = math.prod(f) * c + 1
+            out = (filters, *out_size)
+            field = tuple(a + (b - 1) * j for a, b, j in zip(field, f, jump, strict=True))
+            jump = tuple(j * st for j, st in zip(jump, stride, strict=True))
             layers.append(
                 Layer(
                     name,
                     "conv",
                     shape,
                     out,
-                    f,
-                    stride,
+                    compact(f),
+                    compact(stride),
                     pad,
                     formula,
-                    (filters, c, f, f),
+                    (filters, c, *f),
                     per,
                     per * filters,
-                    per * filters * out_h * out_w,
-                    field,
+                    per * filters * math.prod(out_size),
+                    compact(field),
                     act,
                 )
             )
             shape = out
         if model.pool != "none":
-            c, h, w = shape
-            p, ps = model.pool_size, model.pool_stride
-            out_h, out_w, formula = _sliding(
+            c = shape[0]
+            p, ps = per_axis(model.pool_size, dims), per_axis(model.pool_stride, dims)
+            out_size, formula = _sliding(
                 f"pool{s}",
                 f"{model.pool} pool after stage {s}",
                 shape,
                 p,
-                0,
+                (0,) * dims,
                 ps,
                 "model.pool_size",
-                p,
+                model.pool_size,
             )
-            out = (c, out_h, out_w)
-            field, jump = field + (p - 1) * jump, jump * ps
+            out = (c, *out_size)
+            field = tuple(a + (b - 1) * j for a, b, j in zip(field, p, jump, strict=True))
+            jump = tuple(j * st for j, st in zip(jump, ps, strict=True))
             layers.append(
                 Layer(
                     f"pool{s}",
                     "pool",
                     shape,
                     out,
-                    p,
-                    ps,
+                    compact(p),
+                    compact(ps),
                     0,
                     formula,
-                    connections=p * p * c * out_h * out_w,
-                    input_field=field,
+                    connections=math.prod(p) * c * math.prod(out_size),
+                    input_field=compact(field),
                     activation=model.pool,
                 )
             )
@@ -181,10 +261,10 @@ def plan(model: Any, data: Any) -> list[Layer]:
         if model.pool_dropout > 0:
             layers.append(Layer(f"dropout{s}", "dropout", shape, shape, dropout=model.pool_dropout))
 
-    if len(shape) == 3:
-        flat = (shape[0] * shape[1] * shape[2],)
-        c, h, w = shape
-        layers.append(Layer("flatten", "flatten", shape, flat, formula=f"{h}*{w}*{c} = {flat[0]}"))
+    if len(shape) >= 2:
+        flat = (math.prod(shape),)
+        formula = "*".join(str(n) for n in (*shape[1:], shape[0])) + f" = {flat[0]}"
+        layers.append(Layer("flatten", "flatten", shape, flat, formula=formula))
         shape = flat
     sizes = hidden_sizes(model)
     for i, units in enumerate(sizes + [data.num_classes], start=1):
@@ -235,7 +315,7 @@ def architecture(layers: list[Layer]) -> dict[str, str]:
     import json
 
     def shape(s: tuple[int, ...]) -> str:
-        return f"{s[1]}x{s[2]}x{s[0]}" if len(s) == 3 else str(s[0])
+        return shape_text(s) if len(s) >= 2 else str(s[0])
 
     convs = [layer for layer in layers if layer.kind == "conv"]
     stages = stage_outputs(layers)

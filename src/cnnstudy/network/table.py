@@ -7,14 +7,11 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from cnnstudy.network.plan import Layer, totals
+from cnnstudy.network.plan import AXES, Layer, axis_text, dims_of, input_size, shape_text, totals
 
+__all__ = ["describe", "render", "shape_text"]
 
-def shape_text(shape: tuple[int, ...]) -> str:
-    if len(shape) == 3:
-        c, h, w = shape
-        return f"{h}x{w}x{c}"
-    return f"{shape[0]:,}"
+AXIS_KEYS = {"L": "length", "D": "depth", "H": "height", "W": "width"}
 
 
 def describe(cfg: Any, layers: list[Layer]) -> dict[str, Any]:
@@ -23,8 +20,10 @@ def describe(cfg: Any, layers: list[Layer]) -> dict[str, Any]:
         "model": cfg.model.name,
         "input": {
             "channels": cfg.data.channels,
-            "height": cfg.data.height,
-            "width": cfg.data.width,
+            **{
+                AXIS_KEYS[axis]: n
+                for axis, n in zip(AXES[dims_of(cfg.data)], input_size(cfg.data), strict=True)
+            },
         },
         "layers": [layer.to_dict() for layer in layers],
         **totals(layers),
@@ -68,15 +67,15 @@ def render(table: dict[str, Any], layers: list[Layer]) -> str:
             f"{layer.name} {extra}".strip(),
             shape_text(layer.in_shape),
             shape_text(layer.out_shape),
-            "" if layer.receptive_field is None else str(layer.receptive_field),
-            "" if layer.stride is None else str(layer.stride),
-            "" if layer.padding is None else str(layer.padding),
+            "" if layer.receptive_field is None else axis_text(layer.receptive_field),
+            "" if layer.stride is None else axis_text(layer.stride),
+            "" if layer.padding is None else axis_text(layer.padding),
             layer.formula,
             "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "",
             _weights(layer),
             f"{layer.params:,}" if layer.params else "",
             f"{layer.connections:,}" if layer.connections else "",
-            "" if layer.input_field is None else f"{layer.input_field}x{layer.input_field}",
+            "" if layer.input_field is None else axis_text(layer.input_field, layer.dims),
         )
     t.add_section()
     t.add_row(

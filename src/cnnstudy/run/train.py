@@ -32,6 +32,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from cnnstudy.network.plan import dims_of, input_size
 from cnnstudy.config.check import check, device_count, resolve, srun_rank
 from cnnstudy.config.compose import CONFIG_DIR
 from cnnstudy.data.files import check_files
@@ -269,8 +270,14 @@ def resolve_hardware(cfg: DictConfig) -> Hardware:
     if precision == "auto":
         precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
     channels_last = t.channels_last
+    two_d = dims_of(cfg.data) == 2  # torch's channels_last is a layout of 2D maps
     if channels_last == "auto":
-        channels_last = cfg.model.stages > 0
+        channels_last = cfg.model.stages > 0 and two_d
+    elif channels_last and not two_d:
+        raise ConfigError(
+            f"trainer.channels_last=true: a memory format of 2D images; this input has "
+            f"{dims_of(cfg.data)}D maps. Valid here: auto, false"
+        )
     return Hardware(gpu, precision, bool(channels_last))
 
 
@@ -487,7 +494,7 @@ def train(
                 wanted = request.pictures_if is not None and request.pictures_if(metrics)
                 if wanted:
                     mlflow.set_tag("cnnstudy.pictures", "the study's best so far")
-                if cfg.logger.log_images or wanted:
+                if (cfg.logger.log_images or wanted) and dims_of(cfg.data) == 2:
                     from cnnstudy.run.pictures import log_pictures
 
                     drawn = log_pictures(network, datamodule.test_dataloader(), splits.classes)
@@ -569,7 +576,7 @@ def _log_network(network: Any, cfg: DictConfig) -> None:
     import torch
 
     network = network.eval().to("cpu", memory_format=torch.contiguous_format)
-    example = torch.zeros(2, cfg.data.channels, cfg.data.height, cfg.data.width)
+    example = torch.zeros(2, cfg.data.channels, *input_size(cfg.data))
     mlflow.pytorch.log_model(
         network,
         name="model",
