@@ -275,11 +275,21 @@ def npz(data: Any) -> Decoded:
             want = (data.channels, *size)
             if x.ndim != dims + 2 or tuple(x.shape[1:]) != want:
                 said = " ".join(f"data.{keys[a]}={n}" for a, n in axes.items())
+                fix = (
+                    "set data.channels="
+                    + " data.".join(
+                        [str(x.shape[1])]
+                        + [f"{keys[a]}={n}" for a, n in zip(axes, x.shape[2:], strict=True)]
+                    )
+                    if x.ndim == dims + 2
+                    else f"its {x.ndim - 1} axes after the samples' do not make a {dims}D "
+                    "input: say the data's axes (data.length for sequences; data.depth, "
+                    "data.height, data.width for volumes)"
+                )
                 raise ConfigError(
                     f"data.path={path}: {name} has shape {list(x.shape)}; the config expects "
-                    f"N x {' x '.join(map(str, want))} (data.channels={data.channels} {said}"
-                    f"). Set data.channels and data.{', data.'.join(keys[a] for a in axes)} "
-                    "to the array's"
+                    f"N x {' x '.join(map(str, want))} (data.channels={data.channels} {said}): "
+                    f"{fix}"
                 )
             if not np.issubdtype(x.dtype, np.number):
                 raise ConfigError(f"data.path={path}: {name} holds {x.dtype}, not numbers")

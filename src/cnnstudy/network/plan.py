@@ -19,7 +19,6 @@ from typing import Any
 
 from cnnstudy.errors import ConfigError
 
-
 AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}  # length; height, width; depth
 
 
@@ -146,7 +145,11 @@ def _sliding(
     names = AXES[len(size)]
     sides = [_side(n, f, p, s) for n, f, p, s in zip(size, field, pad, stride, strict=True)]
     same = len(set(zip(size, field, pad, stride, strict=True))) == 1
-    formula = sides[0][1] if same else "; ".join(f"{a}: {t}" for a, (_, t) in zip(names, sides))
+    formula = (
+        sides[0][1]
+        if same
+        else "; ".join(f"{a}: {t}" for a, (_, t) in zip(names, sides, strict=True))
+    )
     bad = [i for i, (out, _) in enumerate(sides) if out < 1]
     if bad:
         on = "" if len(bad) == len(size) else " on axis " + ", ".join(names[i] for i in bad)
@@ -185,8 +188,7 @@ def plan(model: Any, data: Any) -> list[Layer]:
                 pad: int | tuple[int, ...] | str = "same"
                 if len(set(here)) == 1 and len(set(f)) == 1:
                     formula = (
-                        f"same: P = ({f[0]} - 1)/2 = {(f[0] - 1) / 2:g}, output = input = "
-                        f"{here[0]}"
+                        f"same: P = ({f[0]} - 1)/2 = {(f[0] - 1) / 2:g}, output = input = {here[0]}"
                     )
                 else:
                     formula = f"same: output = input = {axis_text(here)}"

@@ -32,7 +32,6 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cnnstudy.network.plan import dims_of, input_size
 from cnnstudy.config.check import check, device_count, resolve, srun_rank
 from cnnstudy.config.compose import CONFIG_DIR
 from cnnstudy.data.files import check_files
@@ -47,7 +46,7 @@ from cnnstudy.errors import (
 )
 from cnnstudy.log import get as get_log
 from cnnstudy.network.memory import fits_message, host_available
-from cnnstudy.network.plan import totals
+from cnnstudy.network.plan import dims_of, input_size, totals
 from cnnstudy.redact import RedactingFilter, override_secret
 from cnnstudy.run import context, store
 from cnnstudy.run.lifecycle import (
