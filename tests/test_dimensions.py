@@ -278,16 +278,30 @@ def test_a_1d_run_on_the_users_arrays_trains_and_reproduces_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_3d_run_on_the_users_volumes_trains(tmp_path):
+def test_a_3d_run_on_the_users_volumes_trains(tmp_path, monkeypatch):
+    """In this process (train(), as a study's trials call it): the npz source's own
+    command-line run is the 1D test above."""
+    import mlflow
+
+    from cnnstudy.run.train import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = _arrays(tmp_path / "v.npz", (48, 1, 8, 16, 16))
-    _, (run,) = train_cli(
-        tmp_path,
-        *_npz(path, "data.length=null", "data.depth=8", "data.height=16", "data.width=16"),
-        "model.receptive_field=[3,5,5]",
-        "model.pool_size=[1,2,2]",
-        "model.pool_stride=[1,2,2]",
-        "trainer=smoke",
+    cfg = compose(
+        [
+            *_npz(path, "data.length=null", "data.depth=8", "data.height=16", "data.width=16"),
+            "model.receptive_field=[3,5,5]",
+            "model.pool_size=[1,2,2]",
+            "model.pool_stride=[1,2,2]",
+            "trainer=smoke",
+            "trainer.num_threads=1",
+            "logger.log_model=false",
+            f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"logger.artifact_location={tmp_path}/a",
+        ]
     )
+    result = train(cfg)
+    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
     assert run.data.params["network.stage_outputs"] == '["6x6x6x10"]'
 
