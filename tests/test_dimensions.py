@@ -109,24 +109,17 @@ def test_the_plan_gives_torchs_own_output_shapes(dims):
         3: [*arrays, "data.depth=7", "data.height=9", "data.width=8"],
     }[dims]
     fields = [1, 2, 3, 5] + ([[3, 1, 2]] if dims == 3 else [[2, 3]] if dims == 2 else [])
+    cfg = compose([*data, "model.filters=2", "model.hidden_layers=0"])  # composed once
     checked = 0
     for f, s, p, (pool, pool_stride) in itertools.product(
         fields, [1, 2, 3], [0, 1, 2], [("none", 1), ("max", 2), ("avg", 3)]
     ):
         if (p * 2 >= (min(f) if isinstance(f, list) else f)) and p > 0:
             continue  # torch refuses padding over half the window
-        overrides = [
-            *data,
-            "model.filters=2",
-            "model.hidden_layers=0",
-            f"model.receptive_field={f}".replace(" ", ""),
-            f"model.stride={s}",
-            f"model.padding={p}",
-            f"model.pool={pool}",
-            f"model.pool_size={pool_stride}",
-            f"model.pool_stride={pool_stride}",
-        ]
-        cfg = compose(overrides)
+        overrides = dict(receptive_field=f, stride=s, padding=p, pool=pool, pool_size=pool_stride)
+        overrides["pool_stride"] = pool_stride
+        for key, value in overrides.items():
+            cfg.model[key] = value
         try:
             layers = check(cfg)
         except ConfigError:
