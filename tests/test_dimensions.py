@@ -170,6 +170,8 @@ def test_a_field_too_large_on_one_axis_names_the_axis_and_its_formula(tmp_path):
     assert "data.height=32: cannot take effect: data.length=100" in image.stderr
     digits = run_cli("cnnstudy-describe", *SEQUENCE, cwd=tmp_path)
     assert "data=digits holds 2D images" in digits.stderr
+    small = run_cli("cnnstudy-describe", "data=moving_mnist", "data.height=20", cwd=tmp_path)
+    assert small.returncode == 2 and "data.height=20: a frame holds a 28x28 digit" in small.stderr
 
 
 def test_describe_prints_a_1d_and_a_3d_network(tmp_path):
@@ -337,3 +339,43 @@ def test_sequential_mnist_trains_on_real_mnist_read_as_sequences(tmp_path):
     )
     assert run.info.status == "FINISHED"
     assert run.data.params["network.stage_outputs"] == '["390x10"]'
+
+
+@pytest.mark.slow
+def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed(tmp_path):
+    if not (SHARED / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        if os.environ.get("CNNSTUDY_REQUIRE_MNIST") == "1":
+            pytest.fail(f"CNNSTUDY_REQUIRE_MNIST=1 but real MNIST is not in {SHARED}")
+        pytest.skip("real MNIST not found in ../shared/data")
+    from cnnstudy.data.sources import moving_mnist
+
+    clips = [
+        "data=moving_mnist",
+        f"data.root={SHARED}",
+        "data.clips=60",
+        "data.depth=6",
+        "data.height=36",
+        "data.width=40",
+    ]
+    made = moving_mnist(compose(clips).data)
+    again = moving_mnist(compose(clips).data)
+    other = moving_mnist(compose([*clips, "data.clip_seed=1"]).data)
+    assert made.images.shape == (60, 1, 6, 36, 40) and made.test_images.shape == (10, 1, 6, 36, 40)
+    assert (made.images == again.images).all() and (made.labels == again.labels).all()
+    assert not (made.images == other.images).all()
+    frames = made.images[:, 0].flatten(2).sum(2)  # clip x frame: the whole digit every frame
+    assert (frames == frames[:, :1]).all() and (frames > 0).all()
+    assert (made.images[:, 0, 0] != made.images[:, 0, -1]).flatten(1).any(1).float().mean() > 0.9
+    assert set(made.labels.tolist()) <= set(range(10)) and len(set(made.labels.tolist())) > 5
+    _, (run,) = train_cli(
+        tmp_path,
+        *clips,
+        "data.clips=120",
+        f"data.cache_dir={tmp_path}",
+        "model.receptive_field=[3,5,5]",
+        "model.pool_size=[1,2,2]",
+        "model.pool_stride=[1,2,2]",
+        "trainer=smoke",
+    )
+    assert run.info.status == "FINISHED"
+    assert run.data.params["network.stage_outputs"] == '["4x16x18x10"]'

@@ -193,6 +193,19 @@ def _check_data(cfg: DictConfig) -> None:
         _fail("data.path", d.path, "data=folder needs the image folder: data.path=/some/images")
     if d.name == "npz" and not d.path:
         _fail("data.path", d.path, "data=npz needs the arrays' file: data.path=/some/data.npz")
+    if d.name == "moving_mnist":
+        if d.depth is None or d.depth < 2 or d.channels != 1:
+            _fail(
+                "data.depth",
+                d.depth,
+                "moving MNIST clips have frames: data.depth=2 or more (the frames), "
+                "data.channels=1",
+            )
+        for key in ("height", "width"):
+            if d[key] is None or d[key] < 28:
+                _fail(f"data.{key}", d[key], "a frame holds a 28x28 digit: at least 28")
+        if d.clips < 10:
+            _fail("data.clips", d.clips, "must be at least 10")
     if d.name == "sequential_mnist" and (
         d.length is None or (d.channels, d.length) not in ((1, 784), (28, 28))
     ):

@@ -24,6 +24,7 @@ DATASETS = (
     "cifar10",
     "folder",
     "sequential_mnist",
+    "moving_mnist",
     "npz",
 )
 FITS = ("resize", "pad", "resize_pad")
@@ -74,6 +75,9 @@ class DataConfig:
     width: int | None = 32
     length: int | None = None
     depth: int | None = None
+    # moving_mnist: training clips made (a sixth as many test clips), and their seed
+    clips: int = 6000
+    clip_seed: int = 0
     fit: str = "resize"  # how images reach height x width: resize, pad (centre/crop), resize_pad
     bad_images: str = (
         "error"  # folder: unreadable files stop the run (error) or are left out (skip)

@@ -71,6 +71,7 @@ TORCHVISION = {
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES),
     "kmnist": ("KMNIST", "KMNIST/raw", _MNIST_FILES),
     "sequential_mnist": ("MNIST", "MNIST/raw", _MNIST_FILES),  # MNIST's files, read as sequences
+    "moving_mnist": ("MNIST", "MNIST/raw", _MNIST_FILES),  # MNIST's digits, moving in clips
     "cifar10": (
         "CIFAR10",
         "cifar-10-batches-py",

@@ -96,6 +96,8 @@ def decode_key(data: Any) -> str:
         "bad_images": data.bad_images,
         "files": file_identity(data),
     }
+    if data.name == "moving_mnist":
+        settings["clips"] = [data.clips, data.clip_seed]
     if data.name == "digits":
         from importlib import metadata
 
