@@ -260,6 +260,7 @@ def test_a_1d_run_on_the_users_arrays_trains_and_reproduces_exactly(tmp_path):
     assert run.data.params["data.length"] == "150"
     assert run.data.params["network.stage_outputs"] == '["73x10"]'
     assert run.data.tags["cnnstudy.channels_last"] == "false"
+    assert run.data.tags["cnnstudy.cpu_kernels"].startswith("unused: 1D maps")
     assert "test/acc" in run.data.metrics
     again = run_cli(
         "cnnstudy-reproduce",

@@ -302,6 +302,8 @@ def _cpu_kernels(cfg: DictConfig, hardware: Hardware) -> str:
         return "off"
     if hardware.gpu:
         return "unused on GPU"
+    if dims_of(cfg.data) != 2:
+        return f"unused: {dims_of(cfg.data)}D maps (the kernels are for 2D maps)"
     from cnnstudy.network.cpu_kernels import build
 
     done = build()
