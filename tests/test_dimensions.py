@@ -380,3 +380,69 @@ def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed(tmp_path):
     )
     assert run.info.status == "FINISHED"
     assert run.data.params["network.stage_outputs"] == '["4x16x18x10"]'
+
+
+def test_series_from_the_ucr_archives_tsv_format(tmp_path, monkeypatch):
+    """data=csv: one series a row, its label first (GunPoint_TRAIN.tsv's layout); labels
+    become classes in numeric order; bad rows are one line naming the file and the row;
+    a 1D run trains on it (in this process)."""
+    import mlflow
+
+    from cnnstudy.data.sources import csv_series
+    from cnnstudy.data.splits import load_splits
+    from cnnstudy.run.train import train
+
+    rng = np.random.default_rng(0)
+
+    def write(path: Path, n: int) -> Path:
+        labels = np.where(np.arange(n) % 2 == 0, 2, 1)  # the UCR files' labels: 1 and 2
+        rows = [
+            "\t".join([str(label), *(f"{v:.6f}" for v in rng.normal(size=150) + label)])
+            for label in labels
+        ]
+        path.write_text("\n".join(rows) + "\n")
+        return path
+
+    train_file, test_file = write(tmp_path / "X_TRAIN.tsv", 50), write(tmp_path / "X_TEST.tsv", 30)
+    base = [
+        "data=csv",
+        f"data.path={train_file}",
+        f"data.test_path={test_file}",
+        "data.length=150",
+        f"data.cache_dir={tmp_path}",
+    ]
+    cfg = resolve(compose(base))
+    assert cfg.data.num_classes == 2
+    decoded = csv_series(cfg.data)
+    assert decoded.images.shape == (50, 1, 150) and decoded.test_images.shape == (30, 1, 150)
+    assert decoded.classes == ["1", "2"] and decoded.labels[:2].tolist() == [1, 0]
+    assert len(load_splits(cfg.data).test) == 30  # the test file is the test split
+    with pytest.raises(ConfigError, match=r"row 1 holds 150 values after its label, data.len"):
+        csv_series(resolve(compose([*base, "data.length=100"])).data)
+    broken = tmp_path / "broken.tsv"
+    lines = train_file.read_text().splitlines()
+    broken.write_text("\n".join([lines[0], lines[1].rsplit("\t", 1)[0] + "\t", *lines[2:]]))
+    with pytest.raises(ConfigError, match=r"broken.tsv: row 2 holds '', not a number"):
+        csv_series(resolve(compose([*base, f"data.path={broken}"])).data)
+    short = tmp_path / "short.tsv"
+    short.write_text("\n".join([lines[0], lines[1].rsplit("\t", 3)[0], *lines[2:]]))
+    with pytest.raises(ConfigError, match="row 2 holds 147 values .* not padded"):
+        csv_series(resolve(compose([*base, f"data.path={short}"])).data)
+    with pytest.raises(ConfigError, match="data.channels=3: a CSV row is one series"):
+        check(compose([*base, "data.channels=3"]))
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = train(
+        compose(
+            [
+                *base,
+                "trainer=smoke",
+                "trainer.num_threads=1",
+                "logger.log_model=false",
+                f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+                f"logger.artifact_location={tmp_path}/a",
+            ]
+        )
+    )
+    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics

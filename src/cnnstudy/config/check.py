@@ -191,6 +191,16 @@ def _check_data(cfg: DictConfig) -> None:
         _fail("data.name", d.name, f"unknown dataset; valid: {', '.join(DATASETS)} (data=NAME)")
     if d.name == "folder" and not d.path:
         _fail("data.path", d.path, "data=folder needs the image folder: data.path=/some/images")
+    if d.name == "csv":
+        if not d.path:
+            _fail("data.path", d.path, "data=csv needs the series' file: data.path=/x_TRAIN.tsv")
+        if d.length is None or d.channels != 1:
+            _fail(
+                "data.channels",
+                d.channels,
+                "a CSV row is one series of one channel: data.channels=1 and data.length set "
+                "(for several channels, use data=npz)",
+            )
     if d.name == "npz" and not d.path:
         _fail("data.path", d.path, "data=npz needs the arrays' file: data.path=/some/data.npz")
     if d.name == "moving_mnist":
@@ -238,7 +248,7 @@ def _check_data(cfg: DictConfig) -> None:
                 f"data.classes keeps {len(d.classes)} classes: set data.num_classes="
                 f"{len(d.classes)} (or 0, counted from data.classes)",
             )
-    elif not (d.num_classes == 0 and d.name in ("folder", "npz")):
+    elif not (d.num_classes == 0 and d.name in ("folder", "npz", "csv")):
         _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
         _share(cfg, "data", key)
@@ -418,11 +428,18 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.num_classes = len(cfg.data.classes)
     elif cfg.data.name == "folder" and cfg.data.num_classes == 0 and cfg.data.path:
         cfg.data.num_classes = count_classes(Path(cfg.data.path))
+    elif cfg.data.name == "csv" and cfg.data.num_classes == 0 and cfg.data.path:
+        from cnnstudy.data.files import csv_labels
+
+        found = csv_labels(cfg.data.path)
+        if cfg.data.test_path:
+            found |= csv_labels(cfg.data.test_path)
+        cfg.data.num_classes = len(found)
     elif cfg.data.name == "npz" and cfg.data.num_classes == 0 and cfg.data.path:
         from cnnstudy.data.files import count_npz_classes
 
         cfg.data.num_classes = count_npz_classes(cfg.data)
-    for key in ("root", "path", "cache_dir"):
+    for key in ("root", "path", "test_path", "cache_dir"):
         if cfg.data[key]:
             cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
     return cfg

@@ -26,6 +26,7 @@ DATASETS = (
     "sequential_mnist",
     "moving_mnist",
     "npz",
+    "csv",
 )
 FITS = ("resize", "pad", "resize_pad")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -68,6 +69,7 @@ class DataConfig:
     root: str = "data"  # torchvision datasets: the folder holding MNIST/raw, cifar-10-batches-py...
     download: bool = False  # torchvision datasets: fetch missing files (needs the internet)
     path: str = ""  # folder: one subfolder of images per class (torchvision's ImageFolder layout)
+    test_path: str = ""  # csv: the test series' file (empty: data.test_fraction held out)
     channels: int = 1  # input channels the network sees (images are converted: L or RGB)
     # the input's axes: height x width for images; `length` alone for sequences (1D, with
     # height and width null); `depth` x height x width for volumes and clips (3D)

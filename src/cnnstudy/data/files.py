@@ -152,6 +152,13 @@ def check_files(data: Any) -> None:
         class_folders(Path(data.path))
     elif data.name == "npz":
         npz_file(data)
+    elif data.name == "csv":
+        for key in ("path", "test_path"):
+            if data[key] and not Path(data[key]).expanduser().is_file():
+                raise ConfigError(
+                    f"data.{key}={data[key]}: no such file; data=csv reads one series a row, "
+                    "its class label first (the UCR archive's _TRAIN.tsv / _TEST.tsv)"
+                )
 
 
 def npz_file(data: Any) -> Path:
@@ -170,6 +177,25 @@ def npz_file(data: Any) -> Path:
                 "save the arrays with numpy.savez(path, x_train=..., y_train=...)"
             )
     return path
+
+
+def csv_rows(path: str | Path) -> list[list[str]]:
+    """The rows of a CSV or TSV file of series (tab-separated where the file has tabs),
+    blank lines left out; a ConfigError when it cannot be read."""
+    import csv
+
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"data.path={path}: cannot read it as text ({err})") from None
+    delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
+    return [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row]
+
+
+def csv_labels(path: str | Path) -> set[str]:
+    """The class labels of a CSV of series: each row's first field."""
+    return {row[0].strip() for row in csv_rows(path)}
 
 
 def count_npz_classes(data: Any) -> int:
@@ -196,6 +222,8 @@ def file_identity(data: Any) -> list[tuple[str, int, int]]:
         files = [file for file, _ in image_files(Path(data.path))]
     elif data.name == "npz":
         files = [Path(data.path).expanduser().resolve()]
+    elif data.name == "csv":
+        files = [Path(p).expanduser().resolve() for p in (data.path, data.test_path) if p]
     else:
         files = []
     identity = []

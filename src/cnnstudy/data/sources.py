@@ -7,6 +7,7 @@ has one, and a record of what was read. Decoding happens once; splits.py caches 
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,77 @@ def npz(data: Any) -> Decoded:
     return Decoded(x_train, y_train, classes, x_test, y_test, source=str(path))
 
 
+def csv_series(data: Any) -> Decoded:
+    """Series from CSV or TSV files, one a row, its class label in the first field: the
+    UCR archive's own format (GunPoint_TRAIN.tsv, GunPoint_TEST.tsv). data.path holds the
+    training series, data.test_path the test series (else data.test_fraction is held out).
+    Labels are names: sorted (numerically where all are numbers), they become classes
+    0..K-1. Rows of another length, empty or non-numeric values are one line naming the
+    file, the row and what to do."""
+    from cnnstudy.data.files import csv_labels, csv_rows
+
+    files = [data.path] + ([data.test_path] if data.test_path else [])
+    labels: set[str] = set()
+    for file in files:
+        labels |= csv_labels(file)
+    try:
+        names = sorted(labels, key=float)
+    except ValueError:
+        names = sorted(labels)
+    index = {name: i for i, name in enumerate(names)}
+
+    def read(file: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = csv_rows(file)
+        if not rows:
+            raise ConfigError(f"data.path={file}: no series in it")
+        values = []
+        for number, row in enumerate(rows, start=1):
+            series = row[1:]
+            if len(series) != data.length:
+                raise ConfigError(
+                    f"data.path={file}: row {number} holds {len(series)} values after its "
+                    f"label, data.length={data.length}: series of unequal lengths are not "
+                    "padded by cnnstudy; set data.length to the series' length, or pad or "
+                    "cut them to one length first"
+                )
+            try:
+                floats = [float(v) for v in series]
+            except ValueError:
+                bad = next(v for v in series if not _is_float(v))
+                raise ConfigError(
+                    f"data.path={file}: row {number} holds {bad!r}, not a number (a missing "
+                    "value?); fill or drop that row first"
+                ) from None
+            if any(math.isnan(v) or math.isinf(v) for v in floats):
+                raise ConfigError(
+                    f"data.path={file}: row {number} holds NaN or infinite values; fill or "
+                    "drop that row first"
+                )
+            values.append(floats)
+        x = torch.tensor(values, dtype=torch.float32).unsqueeze(1)
+        y = torch.tensor([index[row[0].strip()] for row in rows], dtype=torch.long)
+        return x, y
+
+    x, y = read(data.path)
+    x_test = y_test = None
+    if data.test_path:
+        x_test, y_test = read(data.test_path)
+    if data.num_classes and data.num_classes != len(names):
+        raise ConfigError(
+            f"data.num_classes={data.num_classes}: the files have {len(names)} classes "
+            f"({', '.join(names[:10])}); set data.num_classes={len(names)} or 0"
+        )
+    return Decoded(x, y, names, x_test, y_test, source=" + ".join(str(f) for f in files))
+
+
+def _is_float(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 SOURCES = {
     "digits": digits,
     "folder": folder,
@@ -400,4 +472,5 @@ SOURCES = {
     "sequential_mnist": sequential_mnist,
     "moving_mnist": moving_mnist,
     "npz": npz,
+    "csv": csv_series,
 }

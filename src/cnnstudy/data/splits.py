@@ -79,8 +79,10 @@ def decode_key(data: Any) -> str:
     where = ""
     if data.name == "folder":
         where = str(Path(data.path).expanduser().resolve())
-    elif data.name == "npz":
+    elif data.name in ("npz", "csv"):
         where = str(Path(data.path).expanduser().resolve())
+        if data.name == "csv" and data.test_path:
+            where += "|" + str(Path(data.test_path).expanduser().resolve())
     elif data.name != "digits":
         where = str(Path(data.root).expanduser().resolve())
     settings = {
