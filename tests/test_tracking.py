@@ -91,3 +91,29 @@ def test_hydras_own_errors_reach_the_terminal_redacted(tmp_path):
     assert result.returncode == 1  # Hydra's type error, Hydra's exit code
     assert "is not a valid bool" in result.stderr
     assert "s3cr3tpw" not in result.stdout + result.stderr
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """MLflow's tables are made in a scratch file and renamed into place: a command
+    stopped while they are made (here: just before the rename) leaves no store, and
+    the next command makes one that opens."""
+    import os
+
+    import mlflow
+
+    from cnnstudy.run import store
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    real_replace = os.replace
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        store.open_experiment(uri, "cnnstudy", str(tmp_path / "a"))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
+    monkeypatch.setattr(store.os, "replace", real_replace)
+    experiment = store.open_experiment(uri, "cnnstudy", str(tmp_path / "a"))
+    assert mlflow.MlflowClient(uri).get_experiment(experiment).name == "cnnstudy"
+    assert [p.name for p in tmp_path.iterdir() if ".creating" in p.name] == []

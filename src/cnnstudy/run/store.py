@@ -145,6 +145,7 @@ def serialized(uri: str, step: Callable[[], T]) -> T:
     from mlflow.exceptions import MlflowException
 
     with store_lock(uri):
+        _create_sqlite_store(uri)
         try:
             return step()
         except MlflowException as err:
@@ -155,6 +156,36 @@ def serialized(uri: str, step: Callable[[], T]) -> T:
                 raise
     time.sleep(0.2)
     return step()
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """A new SQLite store gets MLflow's tables in a scratch file beside it, renamed into
+    place once they are all there: a command stopped while MLflow creates them (a
+    signal, kill -9) leaves no half-made store behind. (MLflow's migrations, interrupted,
+    leave a file whose next opening fails: "table _alembic_tmp_... already exists".)
+    Called under the store's lock; nothing to do where the file exists."""
+    path = sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    import gc
+    import uuid
+
+    import mlflow
+
+    # a name never used before: MLflow keeps a store per URI for the process's life
+    scratch = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.creating")
+    try:
+        client = mlflow.MlflowClient(f"sqlite:///{scratch}")
+        client.search_experiments(max_results=1)  # the tables, made and read back
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()  # its connections closed before the file moves
+        del client
+        gc.collect()
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def open_experiment(uri: str, name: str, artifact_location: str) -> str:
