@@ -21,6 +21,7 @@ from .conftest import run_cli, train_cli
 
 SEQUENCE = ["data.length=150", "data.height=null", "data.width=null", "data.channels=3"]
 VOLUME = ["data.depth=16", "data.height=28", "data.width=28", "data.channels=1"]
+SEQUENCE_CONV = ["model.receptive_field=7", "model.stride=2", "model.padding=1"]
 
 
 def _arrays(path: Path, x_shape: tuple[int, ...], classes: int = 4, seed: int = 0) -> Path:
@@ -49,9 +50,7 @@ def test_a_1d_network_against_a_hand_computed_table(tmp_path):
     layers = _layers(
         *_npz(path, *SEQUENCE),
         "model.filters=8",
-        "model.receptive_field=7",
-        "model.stride=2",
-        "model.padding=1",
+        *SEQUENCE_CONV,
         "model.pool_size=3",
         "model.pool_stride=3",
         "model.hidden_layers=0",
@@ -179,9 +178,7 @@ def test_describe_prints_a_1d_and_a_3d_network(tmp_path):
     one = run_cli(
         "cnnstudy-describe",
         *_npz(path, *SEQUENCE),
-        "model.receptive_field=7",
-        "model.stride=2",
-        "model.padding=1",
+        *SEQUENCE_CONV,
         cwd=tmp_path,
     )
     assert one.returncode == 0, one.stderr

@@ -202,17 +202,32 @@ def folder(data: Any) -> Decoded:
 # ---------------------------------------------------------------------------- sequences
 
 
+def _mnist_digits(data: Any) -> Decoded:
+    """MNIST's 28x28 digits from data.root, as data=mnist reads them (unpadded): what the
+    sequence and clip sources are made from."""
+    from omegaconf import OmegaConf
+
+    return torchvision_dataset(
+        OmegaConf.merge(
+            data,
+            {
+                "name": "mnist",
+                "length": None,
+                "depth": None,
+                "height": 28,
+                "width": 28,
+                "channels": 1,
+                "fit": "pad",
+            },
+        )
+    )
+
+
 def sequential_mnist(data: Any) -> Decoded:
     """MNIST read as sequences (1D): each 28x28 image as 784 steps of one pixel, row after
     row (data.length=784, data.channels=1), or as 28 steps of a row's 28 pixels
     (data.length=28, data.channels=28). The same files, splits and labels as data=mnist."""
-    from omegaconf import OmegaConf
-
-    as_images = OmegaConf.merge(
-        data,
-        {"name": "mnist", "length": None, "height": 28, "width": 28, "channels": 1, "fit": "pad"},
-    )
-    decoded = torchvision_dataset(as_images)
+    decoded = _mnist_digits(data)
 
     def rows(images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
@@ -243,13 +258,7 @@ def moving_mnist(data: Any) -> Decoded:
     frames, bouncing off the edges; the class is the digit. data.clips training clips
     from MNIST's training digits and a sixth as many test clips from its test digits,
     drawn from data.clip_seed: the same seed, the same clips (then cached)."""
-    from omegaconf import OmegaConf
-
-    as_images = OmegaConf.merge(
-        data,
-        {"name": "mnist", "depth": None, "height": 28, "width": 28, "channels": 1, "fit": "pad"},
-    )
-    digits = torchvision_dataset(as_images)
+    digits = _mnist_digits(data)
     generator = torch.Generator().manual_seed(int(data.clip_seed))
     frames, height, width = int(data.depth), int(data.height), int(data.width)
 

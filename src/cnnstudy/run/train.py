@@ -480,6 +480,8 @@ def train(
                     getattr(callback, "raise_if_stopped", lambda: None)()
                 tester = trainer
                 if trainer.world_size > 1:  # the test set in this process, on one device
+                    from cnnstudy.run.classifier import _leave_process_group
+
                     _leave_process_group()  # srun's processes: the others are done
                     one = OmegaConf.merge(
                         cfg, {"trainer": {"devices": 1, "num_nodes": 1, "progress_bar": False}}
@@ -536,7 +538,7 @@ def _follow(
     """A process of rank > 0 in a run on several machines: its share of the fit, with no
     MLflow run of its own (rank 0 records the run, its metrics summed over every
     process); the test set is rank 0's, after the fit."""
-    from cnnstudy.run.classifier import SignalCheck
+    from cnnstudy.run.classifier import SignalCheck, _leave_process_group
 
     callbacks = [SignalCheck(raise_if_signalled)]
     trainer = _trainer(cfg, hardware, False, callbacks, root_dir or os.getcwd())
@@ -545,13 +547,6 @@ def _follow(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     _leave_process_group()
     return RunResult("", "", uri, metrics, time.perf_counter() - started)
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
