@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from cnnstudy.config.check import check
+from cnnstudy.config.check import check, series_from_files
 from cnnstudy.config.compose import compose
 from cnnstudy.errors import console_script, user_errors_exit
 from cnnstudy.network.table import describe, render
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = compose(args.overrides, args.config_dir)
     layers = check(cfg)
+    if cfg.data.name == "ucr":  # the series' length and channels, read from the files
+        cfg = series_from_files(cfg)
     table = describe(cfg, layers)
     if args.json:
         json.dump(table, sys.stdout, indent=2)

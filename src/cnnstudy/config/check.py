@@ -20,6 +20,7 @@ from cnnstudy.config.schema import (
     FITS,
     POOLS,
     PRECISIONS,
+    TASKS,
     DataConfig,
     LoggerConfig,
     ModelConfig,
@@ -201,6 +202,18 @@ def _check_data(cfg: DictConfig) -> None:
                 "a CSV row is one series of one channel: data.channels=1 and data.length set "
                 "(for several channels, use data=npz)",
             )
+    if d.task not in TASKS:
+        _fail("data.task", d.task, f"valid: {', '.join(TASKS)}")
+    if d.task == "regression":
+        if d.name not in ("ucr", "npz"):
+            _fail(
+                "data.task",
+                d.task,
+                f"data={d.name} holds classes; regression targets come from data=ucr (a "
+                "regression set, e.g. data.problem=Covid3Month) or data=npz (float y_train)",
+            )
+        if d.classes:
+            _fail("data.classes", list(d.classes), "a regression has no classes to keep")
     if d.name == "npz" and not d.path:
         _fail("data.path", d.path, "data=npz needs the arrays' file: data.path=/some/data.npz")
     if d.name == "moving_mnist":
@@ -248,7 +261,7 @@ def _check_data(cfg: DictConfig) -> None:
                 f"data.classes keeps {len(d.classes)} classes: set data.num_classes="
                 f"{len(d.classes)} (or 0, counted from data.classes)",
             )
-    elif not (d.num_classes == 0 and d.name in ("folder", "npz", "csv")):
+    elif d.task != "regression" and not (d.num_classes == 0 and d.name in ("folder", "npz", "csv")):
         _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
         _share(cfg, "data", key)
@@ -423,7 +436,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     from any folder."""
     from cnnstudy.data.files import count_classes
 
-    cfg = cfg.copy()
+    cfg = series_from_files(cfg) if cfg.data.name == "ucr" else cfg.copy()
     if cfg.data.classes and cfg.data.num_classes == 0:
         cfg.data.num_classes = len(cfg.data.classes)
     elif cfg.data.name == "folder" and cfg.data.num_classes == 0 and cfg.data.path:
@@ -445,12 +458,93 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def series_from_files(cfg: DictConfig) -> DictConfig:
+    """data=ucr: a copy of cfg whose data.length, channels, num_classes and task, where
+    unset (null, 0, 0, null), are read from the .ts files, and where set, checked
+    against them; series of unequal lengths refused (data.unequal=error) or padded to
+    data.length, the longest by default (data.unequal=pad)."""
+    from cnnstudy.data.files import ts_files, ts_summary
+
+    d = cfg.data
+    if d.unequal not in ("error", "pad"):
+        _fail("data.unequal", d.unequal, "valid: error (refuse unequal lengths), pad (zero-pad)")
+    if not d.path and not d.problem:
+        _fail("data.problem", d.problem, "data=ucr needs a set (data.problem=GunPoint) or files")
+    found = [ts_summary(path) for _, path in ts_files(d)]
+    key, value = ("data.path", d.path) if d.path else ("data.problem", d.problem)
+    if len({s["channels"] for s in found}) > 1:
+        _fail(key, value, "its train and test series differ in channels")
+    if any(s["missing"] for s in found):
+        _fail(
+            key,
+            value,
+            "its series hold missing values ('?' or NaN); cnnstudy does not fill them: fill "
+            "or drop them first",
+        )
+    regression = found[0]["regression"]
+    if any(s["regression"] != regression for s in found):
+        _fail(key, value, "one file has regression targets (@targetLabel), the other classes")
+    cfg = cfg.copy()
+    d = cfg.data
+    task = "regression" if regression else "classification"
+    if d.task is None:
+        d.task = task
+    elif d.task != task:
+        _fail("data.task", d.task, f"{value} is a {task} set: data.task={task} or null")
+    channels = found[0]["channels"]
+    if d.channels == 0:
+        d.channels = channels
+    elif d.channels != channels:
+        _fail("data.channels", d.channels, f"{value} has {channels}: set it, or 0 (from the files)")
+    if not regression:
+        classes = list(found[0]["classes"])
+        for s in found[1:]:
+            classes += [c for c in s["classes"] if c not in classes]
+        if d.num_classes == 0:
+            d.num_classes = len(classes)
+        elif d.num_classes != len(classes):
+            _fail(
+                "data.num_classes",
+                d.num_classes,
+                f"{value} has {len(classes)} classes: set it, or 0 (from the files)",
+            )
+    shortest = min(s["shortest"] for s in found)
+    longest = max(s["longest"] for s in found)
+    if shortest != longest:
+        if d.unequal == "error":
+            _fail(
+                "data.unequal",
+                d.unequal,
+                f"{value}'s series run from {shortest} to {longest} steps: set "
+                f"data.unequal=pad to zero-pad each at its end to data.length (default the "
+                f"longest, {longest}), or choose a set of equal lengths",
+            )
+        if d.length is not None and d.length < longest:
+            _fail(
+                "data.length",
+                d.length,
+                f"{value}'s longest series has {longest} steps; padding never cuts: set "
+                f"data.length={longest} or more, or null",
+            )
+    elif d.length is not None and d.length != longest:
+        _fail(
+            "data.length",
+            d.length,
+            f"{value}'s series have {longest} steps: set data.length={longest}, or null",
+        )
+    if d.length is None:
+        d.length = longest
+    return cfg
+
+
 def check(cfg: DictConfig) -> list:
     """Check everything the types do not, then the architecture's arithmetic; raise
     ConfigError, or return the shape plan (network.plan.Layer rows). `cfg` is unchanged."""
     from cnnstudy.network.plan import dims_of, plan
 
     _unknown_keys(cfg)
+    if cfg.data.name == "ucr":
+        cfg = series_from_files(cfg)
     _check_data(cfg)
     _check_model(cfg.model, dims_of(cfg.data))
     _check_trainer(cfg)

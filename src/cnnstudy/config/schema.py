@@ -27,7 +27,9 @@ DATASETS = (
     "moving_mnist",
     "npz",
     "csv",
+    "ucr",
 )
+TASKS = ("classification", "regression")
 FITS = ("resize", "pad", "resize_pad")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -69,7 +71,12 @@ class DataConfig:
     root: str = "data"  # torchvision datasets: the folder holding MNIST/raw, cifar-10-batches-py...
     download: bool = False  # torchvision datasets: fetch missing files (needs the internet)
     path: str = ""  # folder: one subfolder of images per class (torchvision's ImageFolder layout)
-    test_path: str = ""  # csv: the test series' file (empty: data.test_fraction held out)
+    test_path: str = ""  # csv, ucr: the test series' file (empty: data.test_fraction held out)
+    problem: str | None = None  # ucr: a UCR/UEA set aeon ships (GunPoint, BasicMotions, ...)
+    # classification (cross-entropy, accuracy) or regression (one number a sample: MSE,
+    # RMSE, MAE, R2); null: from the data (ucr: its file's @targetLabel)
+    task: str | None = "classification"
+    unequal: str = "error"  # ucr: series of unequal lengths refused (error) or zero-padded (pad)
     channels: int = 1  # input channels the network sees (images are converted: L or RGB)
     # the input's axes: height x width for images; `length` alone for sequences (1D, with
     # height and width null); `depth` x height x width for volumes and clips (3D)

@@ -152,6 +152,8 @@ def check_files(data: Any) -> None:
         class_folders(Path(data.path))
     elif data.name == "npz":
         npz_file(data)
+    elif data.name == "ucr":
+        ts_files(data)
     elif data.name == "csv":
         for key in ("path", "test_path"):
             if data[key] and not Path(data[key]).expanduser().is_file():
@@ -224,6 +226,8 @@ def file_identity(data: Any) -> list[tuple[str, int, int]]:
         files = [Path(data.path).expanduser().resolve()]
     elif data.name == "csv":
         files = [Path(p).expanduser().resolve() for p in (data.path, data.test_path) if p]
+    elif data.name == "ucr":
+        files = [path for _, path in ts_files(data)]
     else:
         files = []
     identity = []
@@ -234,3 +238,139 @@ def file_identity(data: Any) -> list[tuple[str, int, int]]:
         except OSError:
             identity.append((str(file), -1, -1))
     return identity
+
+
+# ---------------------------------------------------------------------------- .ts series
+
+
+def aeon_data_folder() -> Path:
+    """The folder of UCR/UEA sets inside aeon's wheel, found without importing aeon."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "data=ucr: the aeon package is not installed; its wheel ships the UCR/UEA sets "
+            "(pip install aeon), or give your own files: data.path=X_TRAIN.ts"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def ucr_problems() -> dict[str, Path]:
+    """The sets aeon ships with both a _TRAIN.ts and a _TEST.ts file: name -> folder."""
+    found = {}
+    for train in sorted(aeon_data_folder().glob("*/*_TRAIN.ts")):
+        name = train.name.removesuffix("_TRAIN.ts")
+        if train.parent.name != "UnitTest" and train.with_name(f"{name}_TEST.ts").is_file():
+            found[name] = train.parent
+    return found
+
+
+def ts_files(data: Any) -> list[tuple[str, Path]]:
+    """data=ucr: (key, path) of the .ts files read: data.path (and data.test_path), else
+    the set data.problem's _TRAIN.ts and _TEST.ts from aeon's wheel; or a ConfigError."""
+    if data.path:
+        found = []
+        for key in ("path", "test_path"):
+            if data[key]:
+                path = Path(data[key]).expanduser().resolve()
+                if not path.is_file():
+                    raise ConfigError(
+                        f"data.{key}={data[key]}: no such file; data=ucr reads the UCR/UEA "
+                        "archives' .ts format (README, Data: series)"
+                    )
+                found.append((key, path))
+        return found
+    problems = ucr_problems()
+    if data.problem not in problems:
+        raise ConfigError(
+            f"data.problem={data.problem}: not a set aeon ships; valid: "
+            f"{', '.join(problems)}; or your own: data.path=X_TRAIN.ts data.test_path=X_TEST.ts"
+        )
+    folder = problems[data.problem]
+    return [
+        ("problem", folder / f"{data.problem}_TRAIN.ts"),
+        ("problem", folder / f"{data.problem}_TEST.ts"),
+    ]
+
+
+_ts_memo: dict[tuple, dict[str, Any]] = {}
+
+
+def ts_summary(path: Path) -> dict[str, Any]:
+    """What a .ts file holds, read without parsing its numbers: channels, the shortest
+    and longest series, the class names its header lists (in order) or that its rows
+    carry, whether it is a regression set (@targetLabel), the number of series, and
+    whether any value is missing ('?'). A ConfigError names what cannot be read."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _ts_memo:
+        return _ts_memo[key]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"data: cannot read {path} as text ({err})") from None
+    header: dict[str, list[str]] = {}
+    rows = None
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.lower() == "@data":
+            rows = [r for r in lines[number + 1 :] if r.strip() and not r.startswith("#")]
+            break
+        if line.startswith("@"):
+            name, *values = line.split()
+            header[name.lower()] = values
+    if rows is None:
+        raise ConfigError(f"data: {path} is not a .ts file (no @data line)")
+    if header.get("@timestamps", ["false"])[0].lower() == "true":
+        raise ConfigError(f"data: {path} has time stamps (@timeStamps true): not read here")
+    regression = header.get("@targetlabel", ["false"])[0].lower() == "true"
+    listed = header.get("@classlabel", ["false"])
+    channels, shortest, longest, labels, missing = set(), None, 0, set(), False
+    for row in rows:
+        *dims, label = row.strip().split(":")
+        channels.add(len(dims))
+        for dim in dims:
+            n = dim.count(",") + 1
+            shortest = n if shortest is None else min(shortest, n)
+            longest = max(longest, n)
+        labels.add(label.strip())
+        missing = missing or "?" in row or "NaN" in row
+    if len(channels) != 1:
+        raise ConfigError(
+            f"data: {path}: its series have {sorted(channels)} channels; one number for all"
+        )
+    if listed[0].lower() == "true":
+        classes = listed[1:]
+        unlisted = {label.lower() for label in labels} - {c.lower() for c in classes}
+        if unlisted:
+            raise ConfigError(
+                f"data: {path}: rows carry class labels its @classLabel line does not list "
+                f"({', '.join(sorted(unlisted)[:5])}); list every class there"
+            )
+    elif regression:
+        classes = None
+    else:
+        classes = sorted(labels, key=float) if all(map(_is_number, labels)) else sorted(labels)
+    summary = {
+        "channels": channels.pop(),
+        "shortest": shortest,
+        "longest": longest,
+        "classes": classes,
+        "regression": regression,
+        "count": len(rows),
+        "missing": missing,
+    }
+    _ts_memo[key] = summary
+    return summary
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

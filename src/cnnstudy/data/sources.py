@@ -466,6 +466,51 @@ def csv_series(data: Any) -> Decoded:
     return Decoded(x, y, names, x_test, y_test, source=" + ".join(str(f) for f in files))
 
 
+def ucr(data: Any) -> Decoded:
+    """A UCR/UEA set from the .ts files aeon ships in its wheel (data.problem), or the
+    user's own .ts files (data.path, data.test_path), read by aeon's own reader
+    (aeon.datasets.load_from_ts_file): N x channels x length float32 series, the set's
+    fixed train/test split, classes in the order the file's header lists them, or float
+    targets for a regression set. Series shorter than data.length are zero-padded at
+    their end (data.unequal=pad; config.check refuses them otherwise)."""
+    import warnings
+
+    import numpy as np
+
+    from cnnstudy.data.files import ts_files, ts_summary
+
+    with warnings.catch_warnings():  # numpy's, under torch's flush-to-zero: harmless
+        warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
+        from aeon.datasets import load_from_ts_file
+
+    files = [path for _, path in ts_files(data)]
+    classes: list[str] = []
+    if data.task != "regression":
+        for path in files:
+            classes += [c for c in ts_summary(path)["classes"] if c not in classes]
+    index = {name.lower(): i for i, name in enumerate(classes)}  # rows may differ in case
+
+    def read(path) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            x, y = load_from_ts_file(str(path))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data: aeon cannot read {path} ({err})") from None
+        out = np.zeros((len(x), data.channels, data.length), dtype=np.float32)
+        for i, series in enumerate(x):  # a 3D array, or a list of C x L_i arrays
+            out[i, :, : series.shape[-1]] = series
+        if data.task == "regression":
+            return torch.from_numpy(out), torch.from_numpy(np.asarray(y, dtype=np.float32))
+        labels = torch.tensor([index[str(label).lower()] for label in y], dtype=torch.long)
+        return torch.from_numpy(out), labels
+
+    x, y = read(files[0])
+    x_test = y_test = None
+    if len(files) > 1:
+        x_test, y_test = read(files[1])
+    source = f"aeon: {data.problem}" if not data.path else " + ".join(map(str, files))
+    return Decoded(x, y, classes, x_test, y_test, source=source)
+
+
 def _is_float(value: str) -> bool:
     try:
         float(value)
@@ -482,4 +527,5 @@ SOURCES = {
     "moving_mnist": moving_mnist,
     "npz": npz,
     "csv": csv_series,
+    "ucr": ucr,
 }

@@ -98,6 +98,8 @@ def decode_key(data: Any) -> str:
         "bad_images": data.bad_images,
         "files": file_identity(data),
     }
+    if data.name == "ucr":
+        settings["series"] = [data.problem, data.task, data.unequal]
     if data.name == "moving_mnist":
         settings["clips"] = [data.clips, data.clip_seed]
     if data.name == "digits":

@@ -269,7 +269,9 @@ def plan(model: Any, data: Any) -> list[Layer]:
         layers.append(Layer("flatten", "flatten", shape, flat, formula=formula))
         shape = flat
     sizes = hidden_sizes(model)
-    for i, units in enumerate(sizes + [data.num_classes], start=1):
+    regression = data.get("task") == "regression"
+    outputs = 1 if regression else data.num_classes  # a regression predicts one number
+    for i, units in enumerate(sizes + [outputs], start=1):
         last = i == len(sizes) + 1
         n_in = shape[0]
         per = n_in + 1
@@ -283,7 +285,7 @@ def plan(model: Any, data: Any) -> list[Layer]:
                 weights_per_neuron=per,
                 params=per * units,
                 connections=per * units,
-                activation="softmax" if last else act,
+                activation=("linear" if regression else "softmax") if last else act,
             )
         )
         shape = (units,)

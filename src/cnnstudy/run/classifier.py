@@ -99,6 +99,8 @@ class Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
+    sums_size = 3  # Totals.as_tensor(): loss sum, correct, count
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         totals = self._totals.get(stage)
         if totals is None:
@@ -111,22 +113,28 @@ class Classifier(L.LightningModule):
         if (totals is None or not totals.count) and not several:
             return
         if totals is None or not totals.count:  # every process takes part in the sum
-            summed = torch.zeros(3, dtype=torch.float64, device=self.device)
+            summed = torch.zeros(self.sums_size, dtype=torch.float64, device=self.device)
         else:
             summed = totals.as_tensor()
         if several:
             summed = self.trainer.strategy.reduce(summed, reduce_op="sum")
-        loss_sum, correct, count = summed.tolist()
+        *sums, count = summed.tolist()
         if not count:
             return
-        if not math.isfinite(loss_sum) and stage != "test":
+        if not math.isfinite(sums[0]) and stage != "test":
             raise Diverged(
-                f"training diverged: {stage}/loss is {loss_sum / count} at epoch "
+                f"training diverged: {stage}/loss is {sums[0] / count} at epoch "
                 f"{self.current_epoch} (a smaller optimizer.lr, or gradient clipping)"
             )
         shown = stage != "test"  # the progress bar shows train and val loss and accuracy
-        self.log(f"{stage}/loss", loss_sum / count, prog_bar=shown)
-        self.log(f"{stage}/acc", correct / count, prog_bar=shown)
+        for name, value in self.epoch_metrics(sums, count).items():
+            self.log(f"{stage}/{name}", value, prog_bar=shown and name in ("loss", "acc", "rmse"))
+
+    @staticmethod
+    def epoch_metrics(sums: list[float], count: float) -> dict[str, float]:
+        """A stage's metrics from its summed loss and correct count."""
+        loss_sum, correct = sums
+        return {"loss": loss_sum / count, "acc": correct / count}
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
@@ -159,6 +167,71 @@ class Classifier(L.LightningModule):
         steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, steps)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}  # stepped per batch above
+
+
+class RegressionTotals:
+    """One stage's sums for a regression, kept on the device like Totals: the loss, the
+    squared and absolute errors in the targets' units, the targets and their squares."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, predicted: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        error = predicted.detach().double() - y.double()
+        y = y.double()
+        sums = torch.stack(
+            (
+                loss.detach().double() * len(y),
+                error.square().sum(),
+                error.abs().sum(),
+                y.sum(),
+                y.square().sum(),
+            )
+        )
+        self.sums = sums if self.sums is None else self.sums.add_(sums)
+        self.count += len(y)
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.cat((self.sums, self.sums.new_tensor([self.count])))
+
+
+class Regressor(Classifier):
+    """Regression of one number a sample with the same network and training: the output
+    unit predicts the standardized target ((y - mean) / std of the training targets),
+    its loss the mean squared error there; RMSE, MAE and R2 are logged in the targets'
+    own units (train/, val/, test/)."""
+
+    sums_size = 6
+
+    def __init__(self, network, target_mean: float, target_std: float, optimizer, scheduler=None):
+        super().__init__(network, 1, optimizer, scheduler)
+        self.target_mean, self.target_std = float(target_mean), float(target_std) or 1.0
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        totals = self._totals.get(stage)
+        if totals is None:
+            totals = self._totals[stage] = RegressionTotals()
+        x, y = batch
+        out = self.network(x).squeeze(1)
+        loss = F.mse_loss(out, (y - self.target_mean) / self.target_std)
+        totals.add(out * self.target_std + self.target_mean, y, loss)
+        return loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions in the targets' units."""
+        return self.network(x).squeeze(1) * self.target_std + self.target_mean
+
+    @staticmethod
+    def epoch_metrics(sums: list[float], count: float) -> dict[str, float]:
+        loss_sum, squared, absolute, total, total_sq = sums
+        spread = total_sq - total * total / count  # the targets' sum of squares about their mean
+        return {
+            "loss": loss_sum / count,
+            "rmse": math.sqrt(squared / count),
+            "mae": absolute / count,
+            "r2": 1.0 - squared / spread if spread > 0 else float("nan"),
+        }
 
 
 class Throughput(L.Callback):

@@ -430,7 +430,14 @@ def train(
         network = build_network(layers, cpu_kernels=cfg.trainer.cpu_kernels)
         if hardware.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        system = Classifier(network, cfg.data.num_classes, optimizer, scheduler)
+        if cfg.data.task == "regression":  # targets standardized by the training split's
+            from cnnstudy.run.classifier import Regressor
+
+            targets = splits.train.labels.double()
+            std = float(targets.std()) if len(targets) > 1 else 1.0
+            system = Regressor(network, float(targets.mean()), std, optimizer, scheduler)
+        else:
+            system = Classifier(network, cfg.data.num_classes, optimizer, scheduler)
         if rank:  # another machine's process of a multi-node run: it trains, rank 0 records
             return _follow(cfg, hardware, system, datamodule, root_dir, started, uri)
 
@@ -497,10 +504,13 @@ def train(
                 wanted = request.pictures_if is not None and request.pictures_if(metrics)
                 if wanted:
                     mlflow.set_tag("cnnstudy.pictures", "the study's best so far")
-                if (cfg.logger.log_images or wanted) and dims_of(cfg.data) == 2:
+                if cfg.logger.log_images or wanted:
                     from cnnstudy.run.pictures import log_pictures
 
-                    drawn = log_pictures(network, datamodule.test_dataloader(), splits.classes)
+                    target = getattr(system, "target_mean", None)
+                    target = None if target is None else (target, system.target_std)
+                    loader = datamodule.test_dataloader()
+                    drawn = log_pictures(network, loader, splits.classes, target)
                     mlflow.log_metric("time/pictures_s", drawn)
                     metrics["time/pictures_s"] = drawn
                 if cfg.logger.log_model:
@@ -591,8 +601,14 @@ def summary(result: RunResult) -> str:
 
     m = result.metrics
     nan = float("nan")
+    if "test/rmse" in m:
+        scores = f"test/rmse {m['test/rmse']:.4g}  test/mae {m.get('test/mae', nan):.4g}  " + (
+            f"test/r2 {m.get('test/r2', nan):.4f}"
+        )
+    else:
+        scores = f"test/acc {m.get('test/acc', nan):.4f}  test/loss {m.get('test/loss', nan):.4f}"
     return (
-        f"test/acc {m.get('test/acc', nan):.4f}  test/loss {m.get('test/loss', nan):.4f}"
+        f"{scores}"
         f"  params {int(m.get('model/params', 0)):,}"
         f"  {m.get('train/images_per_s', 0):,.0f} images/s"
         f"  time {result.seconds:.1f} s\n"

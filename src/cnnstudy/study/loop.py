@@ -229,6 +229,7 @@ class StudyRunner:
 
             jobs.check(self.config, s.storage_url, tracking_uri(run_config(self.config)))
         check_storage(s.storage_url)
+        _check_task(self.config, s.objectives)
         nodes = self.fixed_values.get("trainer.num_nodes", self.config.trainer.get("num_nodes", 1))
         if "trainer.num_nodes" in space or int(nodes) != 1:
             raise ConfigError(
@@ -494,6 +495,30 @@ class StudyRunner:
                 self.failures += 1
             self.rejected = self.rejected + [outcome.reason] if outcome.state == "REJECTED" else []
             trial_line(study, trial, outcome, client, self.tracking, self._progress())
+
+
+def _check_task(config: DictConfig, objectives: list[str]) -> None:
+    """An objective the runs cannot log: an accuracy of a regression, an RMSE, MAE or R2
+    of a classification."""
+    from cnnstudy.study.parent import run_config
+
+    data = config.data
+    task = data.get("task")
+    if data.name == "ucr" and task is None:
+        from cnnstudy.config.check import series_from_files
+
+        task = series_from_files(run_config(config)).data.task
+    for name in objectives:
+        if task == "regression" and name.endswith("/acc"):
+            raise ConfigError(
+                f"hydra.sweeper.objective={name}: a regression (data.task=regression) logs no "
+                "accuracy; valid: val/rmse, val/mae, val/loss (direction=minimize), val/r2"
+            )
+        if task != "regression" and name.endswith(("/rmse", "/mae", "/r2")):
+            raise ConfigError(
+                f"hydra.sweeper.objective={name}: only a regression logs it; this data is a "
+                f"classification (data.task={task}): val/acc or val/loss"
+            )
 
 
 def _why(err: BaseException) -> str:

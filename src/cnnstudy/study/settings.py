@@ -18,6 +18,12 @@ OBJECTIVES = (
     "val/loss",
     "train/acc",
     "train/loss",
+    "val/rmse",  # regressions (data.task=regression): in the targets' units
+    "val/mae",
+    "val/r2",
+    "train/rmse",
+    "train/mae",
+    "train/r2",
     "model/params",
     "model/connections",
     "time/fit_s",
@@ -102,6 +108,17 @@ def check(settings: Settings) -> None:
     for d in settings.all_directions:
         if d not in ("maximize", "minimize"):
             fail("direction", d, "valid: maximize, minimize")
+    for name, d in zip(settings.objectives, settings.all_directions, strict=True):
+        better = "minimize" if name.endswith(("/loss", "/rmse", "/mae")) else None
+        better = "maximize" if name.endswith(("/acc", "/r2")) else better
+        if better and d != better:
+            key = "directions" if settings.directions else "direction"
+            fail(
+                key,
+                d,
+                f"the objective {name} is better {'lower' if better == 'minimize' else 'higher'}"
+                f": set hydra.sweeper.{key}={better}",
+            )
 
 
 def check_storage(url: str) -> None:

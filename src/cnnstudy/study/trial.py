@@ -34,7 +34,18 @@ from cnnstudy.study.standing import REJECTED, best_trial
 
 SHAPE_CONSTRAINT = "shape_check"
 log = get_log("study")
-KEPT_METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "model/params", "time/fit_s")
+KEPT_METRICS = (
+    "val/acc",
+    "val/loss",
+    "test/acc",
+    "test/loss",
+    "val/rmse",
+    "test/rmse",
+    "test/mae",
+    "test/r2",
+    "model/params",
+    "time/fit_s",
+)
 
 
 @dataclass
