@@ -74,7 +74,7 @@ def plain_loop(
     net = build_network(layers).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    shape = (1, -1, 1, 1)
+    shape = (1, -1, *[1] * (splits.train.images.dim() - 2))  # per channel, any axes
     train = Split(splits.train.images.to(device), splits.train.labels.to(device))
     batches = TensorBatches(
         train,

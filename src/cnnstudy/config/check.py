@@ -214,6 +214,20 @@ def _check_data(cfg: DictConfig) -> None:
             )
         if d.classes:
             _fail("data.classes", list(d.classes), "a regression has no classes to keep")
+    if d.name == "medmnist":
+        from cnnstudy.data.files import MEDMNIST_3D
+
+        if d.problem not in MEDMNIST_3D:
+            _fail(
+                "data.problem", d.problem, f"valid (MedMNIST's 3D sets): {', '.join(MEDMNIST_3D)}"
+            )
+        if not (d.depth == d.height == d.width and d.depth in (28, 64)) or d.channels != 1:
+            _fail(
+                "data.depth",
+                d.depth,
+                "MedMNIST's volumes are 28 or 64 a side, one channel: data.depth, data.height "
+                "and data.width all 28 (or all 64), data.channels=1",
+            )
     if d.name == "npz" and not d.path:
         _fail("data.path", d.path, "data=npz needs the arrays' file: data.path=/some/data.npz")
     if d.name == "moving_mnist":
@@ -448,10 +462,20 @@ def resolve(cfg: DictConfig) -> DictConfig:
         if cfg.data.test_path:
             found |= csv_labels(cfg.data.test_path)
         cfg.data.num_classes = len(found)
-    elif cfg.data.name == "npz" and cfg.data.num_classes == 0 and cfg.data.path:
+    elif (
+        cfg.data.name == "npz"
+        and cfg.data.num_classes == 0
+        and cfg.data.path
+        and cfg.data.task != "regression"
+    ):
         from cnnstudy.data.files import count_npz_classes
 
         cfg.data.num_classes = count_npz_classes(cfg.data)
+    elif cfg.data.name == "medmnist" and cfg.data.num_classes == 0:
+        from cnnstudy.data.files import MEDMNIST_3D, medmnist_info
+
+        if cfg.data.problem in MEDMNIST_3D:
+            cfg.data.num_classes = len(medmnist_info(cfg.data.problem)["label"])
     for key in ("root", "path", "test_path", "cache_dir"):
         if cfg.data[key]:
             cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())

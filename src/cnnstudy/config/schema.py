@@ -28,6 +28,7 @@ DATASETS = (
     "npz",
     "csv",
     "ucr",
+    "medmnist",
 )
 TASKS = ("classification", "regression")
 FITS = ("resize", "pad", "resize_pad")
@@ -72,7 +73,8 @@ class DataConfig:
     download: bool = False  # torchvision datasets: fetch missing files (needs the internet)
     path: str = ""  # folder: one subfolder of images per class (torchvision's ImageFolder layout)
     test_path: str = ""  # csv, ucr: the test series' file (empty: data.test_fraction held out)
-    problem: str | None = None  # ucr: a UCR/UEA set aeon ships (GunPoint, BasicMotions, ...)
+    # ucr: a UCR/UEA set aeon ships (GunPoint, BasicMotions, ...); medmnist: a 3D set
+    problem: str | None = None
     # classification (cross-entropy, accuracy) or regression (one number a sample: MSE,
     # RMSE, MAE, R2); null: from the data (ucr: its file's @targetLabel)
     task: str | None = "classification"

@@ -154,6 +154,9 @@ def check_files(data: Any) -> None:
         npz_file(data)
     elif data.name == "ucr":
         ts_files(data)
+    elif data.name == "medmnist" and not data.download:
+        if not medmnist_file(data).is_file():
+            raise ConfigError(medmnist_missing(data, "the file is missing"))
     elif data.name == "csv":
         for key in ("path", "test_path"):
             if data[key] and not Path(data[key]).expanduser().is_file():
@@ -228,6 +231,8 @@ def file_identity(data: Any) -> list[tuple[str, int, int]]:
         files = [Path(p).expanduser().resolve() for p in (data.path, data.test_path) if p]
     elif data.name == "ucr":
         files = [path for _, path in ts_files(data)]
+    elif data.name == "medmnist":
+        files = [medmnist_file(data)]
     else:
         files = []
     identity = []
@@ -374,3 +379,59 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------- MedMNIST
+
+
+MEDMNIST_3D = (
+    "organmnist3d",
+    "nodulemnist3d",
+    "adrenalmnist3d",
+    "fracturemnist3d",
+    "vesselmnist3d",
+    "synapsemnist3d",
+)
+_medmnist_info: dict[str, Any] = {}
+
+
+def medmnist_info(flag: str) -> dict[str, Any]:
+    """medmnist's own INFO entry for a set (classes, URL, MD5, sizes), read from its
+    info.py without importing the package (which imports torch)."""
+    if not _medmnist_info:
+        import importlib.util
+
+        spec = importlib.util.find_spec("medmnist")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                "data=medmnist: the medmnist package is not installed (pip install medmnist)"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / "info.py"
+        module_spec = importlib.util.spec_from_file_location("_medmnist_info", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        _medmnist_info.update(module.INFO)
+    return _medmnist_info[flag]
+
+
+def medmnist_file(data: Any) -> Path:
+    """data=medmnist: the .npz file medmnist reads and downloads: data.root/FLAG.npz for
+    28x28x28 volumes, FLAG_64.npz for 64x64x64."""
+    suffix = "" if data.depth == 28 else f"_{data.depth}"
+    return Path(data.root).expanduser().resolve() / f"{data.problem}{suffix}.npz"
+
+
+def medmnist_missing(data: Any, why: str) -> str:
+    path = medmnist_file(data)
+    info = medmnist_info(data.problem)
+    suffix = "" if data.depth == 28 else f"_{data.depth}"
+    remedy = (
+        "check the connection, or download it elsewhere and copy it there"
+        if data.download
+        else "or set data.download=true where the internet is reachable (medmnist downloads it)"
+    )
+    return (
+        f"data=medmnist: {why}. Expected: {path} (data.root={data.root}). Download "
+        f"{info['url' + suffix]} (MD5 {info['MD5' + suffix]}) and put it there, point "
+        f"data.root at the folder that holds it, {remedy}."
+    )

@@ -369,6 +369,15 @@ def npz(data: Any) -> Decoded:
 
         def labels(name: str, n: int) -> torch.Tensor:
             y = arrays[name]
+            if data.task == "regression":
+                if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.number):
+                    raise ConfigError(
+                        f"data.path={path}: {name} must be {n} numbers, one target per "
+                        f"sample; it has shape {list(y.shape)} and type {y.dtype}"
+                    )
+                if not np.isfinite(y).all():
+                    raise ConfigError(f"data.path={path}: {name} holds NaN or infinite values")
+                return torch.from_numpy(y.astype(np.float32))
             if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
                 raise ConfigError(
                     f"data.path={path}: {name} must be {n} whole-number class labels, one per "
@@ -382,6 +391,8 @@ def npz(data: Any) -> Decoded:
         if "x_test" in names:
             x_test = samples("x_test")
             y_test = labels("y_test", len(x_test))
+        if data.task == "regression":
+            return Decoded(x_train, y_train, [], x_test, y_test, source=str(path))
         top = int(max(y_train.max(), y_test.max() if y_test is not None else 0))
         if int(y_train.min()) < 0 or (y_test is not None and int(y_test.min()) < 0):
             raise ConfigError(f"data.path={path}: class labels must be 0 or more")
@@ -511,6 +522,60 @@ def ucr(data: Any) -> Decoded:
     return Decoded(x, y, classes, x_test, y_test, source=source)
 
 
+def medmnist(data: Any) -> Decoded:
+    """A MedMNIST 3D set (Yang et al. 2023) through the medmnist package: data.problem's
+    volumes (28 or 64 a side) from data.root, downloaded by medmnist's own code where
+    data.download is set (the file missing and no internet: a ConfigError naming the
+    file, its URL and where to put it, within seconds). Its train and val splits make the
+    training pool (data.val_fraction is held out of it); its test split is the test split."""
+    import numpy as np
+
+    from cnnstudy.data.files import medmnist_file, medmnist_info, medmnist_missing
+
+    path = medmnist_file(data)
+    info = medmnist_info(data.problem)
+    if not path.is_file():
+        import warnings
+
+        with warnings.catch_warnings():  # numpy's, under torch's flush-to-zero: harmless
+            warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
+            import medmnist as package
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(20)  # an unreachable mirror fails in seconds, not minutes
+        try:
+            getattr(package, info["python_class"])(
+                split="test", root=str(path.parent), size=int(data.depth), download=True
+            )
+        except (OSError, RuntimeError) as err:
+            cause = err.__context__ or err  # medmnist re-raises the network's error as its own
+            reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+            reason = reason or type(cause).__name__
+            raise ConfigError(medmnist_missing(data, f"download failed ({reason})")) from None
+        finally:
+            socket.setdefaulttimeout(saved_timeout)
+    try:
+        with np.load(path) as arrays:
+            parts = {k: arrays[k] for k in arrays.files}
+    except (OSError, ValueError) as err:
+        raise ConfigError(medmnist_missing(data, f"numpy cannot read {path} ({err})")) from None
+
+    def tensors(*splits: str) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            x = np.concatenate([parts[f"{s}_images"] for s in splits])
+            y = np.concatenate([parts[f"{s}_labels"] for s in splits]).reshape(len(x), -1)
+        except KeyError as err:
+            raise ConfigError(medmnist_missing(data, f"{path} lacks {err}")) from None
+        x = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
+        return (x if x.dtype == torch.uint8 else x.float()), torch.from_numpy(y[:, 0]).long()
+
+    images, labels = tensors("train", "val")
+    test_images, test_labels = tensors("test")
+    classes = [info["label"][str(i)] for i in range(len(info["label"]))]
+    return Decoded(images, labels, classes, test_images, test_labels, source=str(path))
+
+
 def _is_float(value: str) -> bool:
     try:
         float(value)
@@ -528,4 +593,5 @@ SOURCES = {
     "npz": npz,
     "csv": csv_series,
     "ucr": ucr,
+    "medmnist": medmnist,
 }

@@ -63,6 +63,8 @@ _EXPECTED_WARNINGS = (
     r".*is smaller than the logging interval",  # metrics are logged per epoch, not per step
     r".*isinstance\(treespec, LeafSpec\)",  # Lightning 2.6 on torch 2.14, harmless
     r"It is recommended to use `self.log\(",  # DDP: the classifier sums across processes
+    # numpy's, when a data package (aeon, medmnist) imports it under torch's flush-to-zero
+    r"The value of the smallest subnormal",
 )
 
 
@@ -393,6 +395,8 @@ def train(
         warnings.catch_warnings(),
         signals_interrupt(),
     ):
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
         import torch
 
         # Flush denormal floats to zero, as TensorFlow and XLA do on CPUs: Adam's squared
@@ -415,8 +419,6 @@ def train(
         from cnnstudy.network.modules import build_network
         from cnnstudy.run.classifier import Classifier, RunLogger, SignalCheck, Throughput
 
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
         _quiet_lightning(hardware.gpu)
         if not hardware.gpu and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
             # A CUDA build of torch on a machine without a GPU asks NVML for the device count

@@ -352,11 +352,21 @@ def render(
             )
         elif command:
             parts.append(f"<p>Reproduce it: <code>{e(command)}</code> (seed: the config's)</p>")
-        test = best.user_attrs.get("metrics", {}).get("test/acc")
+        kept = best.user_attrs.get("metrics", {})
+        test = kept.get("test/acc")
         if test is not None:
             parts.append(
                 f"<p class='meta'>Its test accuracy (reported, never selected on): "
                 f"{100 * test:.2f}%.</p>"
+            )
+        elif kept.get("test/rmse") is not None:  # a regression
+            scores = ", ".join(
+                f"{name} {kept[f'test/{name}']:.4g}"
+                for name in ("rmse", "mae", "r2")
+                if kept.get(f"test/{name}") is not None
+            )
+            parts.append(
+                f"<p class='meta'>Its test scores (reported, never selected on): {e(scores)}.</p>"
             )
     imp = importances(study)
     if imp:
