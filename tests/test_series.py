@@ -97,7 +97,7 @@ def test_series_sets_and_files_are_checked_with_clear_errors(tmp_path):
     assert _error("data=ucr", "data.channels=3").startswith("data.channels=3: GunPoint has 1")
     assert "classification set" in _error("data=ucr", "data.task=regression")
     assert _error("data=digits", "data.task=regression").startswith("data.task=regression")
-    assert "valid: classification, regression" in _error("data=ucr", "data.task=ranking")
+    assert "valid: classification, regression" in _error("data=digits", "data.task=ranking")
 
     train = _ts(tmp_path / "t_TRAIN.ts", ["1.0,2.0,3.0:a", "2.0,1.0,0.0:b"])
     good = ["data=ucr", f"data.path={train}"]
@@ -133,6 +133,7 @@ def test_a_regression_study_minimizes_val_rmse_and_its_runs_log_rmse_mae_r2(tmp_
         "data=ucr",
         "data.problem=Covid3Month",
         "model.hidden_units=choice(8,32)",
+        "optimizer.lr=tag(log,interval(0.001,0.01))",
         "hydra.sweeper.objective=val/rmse",
         "hydra.sweeper.direction=minimize",
         "hydra.sweeper.n_trials=3",
@@ -149,11 +150,11 @@ def test_a_regression_study_minimizes_val_rmse_and_its_runs_log_rmse_mae_r2(tmp_
     assert len(trials) == 3
     for run in trials:
         metrics = run.data.metrics
-        assert {"val/rmse", "val/mae", "val/r2", "test/rmse", "test/mae", "test/r2"} <= set(
-            metrics
-        )
+        assert {"val/rmse", "val/mae", "val/r2", "test/rmse", "test/mae", "test/r2"} <= set(metrics)
         assert "val/acc" not in metrics and metrics["val/rmse"] >= 0
-        assert np.isclose(metrics["val/rmse"], made.trials[int(run.data.tags["cnnstudy.trial"])].value)
+        assert np.isclose(
+            metrics["val/rmse"], made.trials[int(run.data.tags["cnnstudy.trial"])].value
+        )
         assert metrics["test/mae"] <= metrics["test/rmse"]  # so it is for any errors
     client = __import__("mlflow").MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     drawn = [a.path for a in client.list_artifacts(trials[0].info.run_id, "pictures")]
@@ -210,3 +211,55 @@ def test_the_3d_question_runs_as_a_tiny_study_with_its_report(tmp_path):
     fields = {r.data.params["model.receptive_field"] for r in runs}
     assert fields == {"[1, 5, 5]", "[3, 5, 5]"}, fields
     assert {r.data.params["network.stage_outputs"] for r in runs} == {'["4x20x20x8", "2x10x10x8"]'}
+
+
+def test_medmnist_offline_is_a_clean_error_naming_the_file_and_where_it_goes(tmp_path):
+    """MedMNIST's files are not on this machine: with data.download=true medmnist's own
+    download code runs and fails (no internet); without it, the check says so first."""
+    said = _error("data=medmnist", f"data.root={tmp_path}", "data.problem=x")
+    assert "valid (MedMNIST's 3D sets): organmnist3d" in said
+    from cnnstudy.data.files import check_files
+
+    cfg = _cfg_medmnist(tmp_path / "none")
+    with pytest.raises(ConfigError, match="the file is missing") as caught:
+        check_files(cfg.data)
+    assert str(tmp_path / "none" / "organmnist3d.npz") in str(caught.value)
+    assert not (tmp_path / "none").exists()  # nothing written without a download
+    tried = run_cli(
+        "cnnstudy-train",
+        "data=medmnist",
+        f"data.root={tmp_path}",
+        "data.download=true",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+        timeout=120,
+    )
+    assert tried.returncode == 2 and "Traceback" not in tried.stderr, tried.stderr[-2000:]
+    line = tried.stderr.strip().splitlines()[-1]
+    assert line.startswith("cnnstudy: error: data=medmnist: download failed")
+    assert str(tmp_path / "organmnist3d.npz") in line and "zenodo.org" in line
+    assert "put it there" in line
+
+
+def _cfg_medmnist(root: Path):
+    return resolve(compose(["data=medmnist", f"data.root={root}"]))
+
+
+def test_a_medmnist_file_in_its_layout_is_read_with_its_classes(tmp_path):
+    from cnnstudy.data.splits import load_splits
+
+    rng = np.random.default_rng(0)
+    parts = {}
+    for split, n in (("train", 30), ("val", 6), ("test", 12)):
+        parts[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 28), dtype=np.uint8)
+        parts[f"{split}_labels"] = (np.arange(n) % 11).reshape(n, 1)
+    np.savez(tmp_path / "organmnist3d.npz", **parts)
+    cfg = _cfg_medmnist(tmp_path)
+    assert cfg.data.num_classes == 11
+    layers = check(cfg)
+    assert layers[0].in_shape == (1, 28, 28, 28)
+    splits = load_splits(cfg.data)
+    assert len(splits.train) + len(splits.val) == 36 and len(splits.test) == 12
+    assert splits.train.images.shape[1:] == (1, 28, 28, 28)
+    assert splits.classes[0] == "liver" and len(splits.classes) == 11
+    assert splits.test.images.numpy()[:, 0].tolist() == parts["test_images"].tolist()
