@@ -115,6 +115,10 @@ def like_a_run(cpu: bool) -> None:
     """
     if cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import warnings
+
+    # numpy's, when a library imports it after flush-to-zero is on (as in a run): harmless
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     import torch
 
     torch.set_flush_denormal(True)

@@ -80,9 +80,14 @@ def _output(where: Path, tag: str) -> str:
 
 
 def _study(services: dict[str, str], name: str) -> optuna.Study:
+    """The study, read under the storage's lock: Optuna creates its tables on a fresh
+    database when a storage is opened, and two processes doing so at once collide (seen:
+    this test's reader against a worker opening the study, on a database just made)."""
+    from cnnstudy.locks import store_lock
     from cnnstudy.study.storage import make_storage
 
-    return optuna.load_study(study_name=name, storage=make_storage(services["storage"]))
+    with store_lock(services["storage"]):
+        return optuna.load_study(study_name=name, storage=make_storage(services["storage"]))
 
 
 def _runs(services: dict[str, str], name: str) -> list:

@@ -211,6 +211,10 @@ def test_the_3d_question_runs_as_a_tiny_study_with_its_report(tmp_path):
     fields = {r.data.params["model.receptive_field"] for r in runs}
     assert fields == {"[1, 5, 5]", "[3, 5, 5]"}, fields
     assert {r.data.params["network.stage_outputs"] for r in runs} == {'["4x20x20x8", "2x10x10x8"]'}
+    client = __import__("mlflow").MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    drawn = [a.path for a in client.list_artifacts(runs[0].info.run_id, "pictures")]
+    assert {"pictures/filters_conv1.png", "pictures/misclassified.png"} <= set(drawn)
+    assert not any("feature_maps" in path for path in drawn)  # 2D only
 
 
 def test_medmnist_offline_is_a_clean_error_naming_the_file_and_where_it_goes(tmp_path):

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The studies behind docs/findings.md, on real MNIST (../shared/data), as run for it.
+# The studies behind docs/findings.md, on real MNIST (../shared/data), as run for it;
+# and the 1D, 3D and regression ones on their own data (series_field, clip_time,
+# covid, gunpoint: not in the default list, run them by name).
 # Each writes its report into docs/findings/NAME/; the Optuna storage and the MLflow
 # store go to a scratch folder (FINDINGS_STORE, default /tmp/cnnstudy-findings).
 #   bash docs/findings/run.sh                      # every study, one after another
@@ -23,6 +25,16 @@ study() {  # NAME (of the study and its report folder), SWEEP (file in sweeps/),
     --out "docs/findings/$name"
 }
 
+own() {  # NAME, SWEEP or "" (no sweep file), then overrides: a study on its own data
+  local name=$1 sweep=$2; shift 2
+  local args=("logger.artifact_location=$STORE/mlartifacts" "hydra.sweeper.storage=sqlite:///$STORE/optuna.db"
+              "hydra.sweep.dir=$STORE/multirun/\${now:%H-%M-%S}" "hydra.sweeper.study_name=$name" "$@")
+  [ -z "$sweep" ] || args=("sweep=$sweep" "${args[@]}")
+  echo "== $name: $BIN/cnnstudy-train -m ${args[*]}"
+  /usr/bin/time -f "$name: %e s wall" "$BIN/cnnstudy-train" -m "${args[@]}"
+  "$BIN/cnnstudy-report" "$name" --storage "sqlite:///$STORE/optuna.db" --out "docs/findings/$name"
+}
+
 confirm() {  # STUDY, then overrides: the fastest trial of `fastest` at 99.0% validation
   # accuracy, trained with 3 new seeds; each seed's accuracies and time in STUDY.yaml
   local name=$1; shift
@@ -39,6 +51,22 @@ print(yaml.safe_dump([{"seed": t.params["seed"], **{k: t.user_attrs["metrics"][k
                       for t in study.trials if t.values], sort_keys=False), end="")
 PY
   cat "docs/findings/$name.yaml"
+}
+
+gunpoint() {  # the seed network on GunPoint, 100 epochs, 3 seeds: each seed's accuracies
+  "$BIN/cnnstudy-train" -m data=ucr data.problem=GunPoint seed=0,1,2 trainer.max_epochs=100 \
+    trainer.progress_bar=false hydra.sweeper.report=false hydra.sweeper.study_name=gunpoint \
+    "logger.artifact_location=$STORE/mlartifacts" "hydra.sweeper.storage=sqlite:///$STORE/optuna.db" \
+    "hydra.sweep.dir=$STORE/multirun/\${now:%H-%M-%S}"
+  "$BIN/python" - "$STORE" > docs/findings/gunpoint.yaml <<'PY'
+import sys, optuna, yaml
+study = optuna.load_study(study_name="gunpoint", storage=f"sqlite:///{sys.argv[1]}/optuna.db")
+keep = ("val/acc", "test/acc", "time/fit_s", "model/params")
+print(yaml.safe_dump([{"seed": t.params["seed"], **{k: t.user_attrs["metrics"][k] for k in keep}}
+                      for t in sorted(study.trials, key=lambda t: t.params["seed"]) if t.values],
+                     sort_keys=False), end="")
+PY
+  cat docs/findings/gunpoint.yaml
 }
 
 todo=("$@")
@@ -67,6 +95,13 @@ for name in "${todo[@]}"; do
                        "optimizer.lr=tag(log, interval(0.003, 0.03))" ;;
     confirm)         confirm confirm ;;
     confirm_torch)   confirm confirm_torch_kernels trainer.cpu_kernels=false ;;
+    series_field)    own series_field series_field ;;
+    clip_time)       own clip_time clip_time "data.root=$(cd .. && pwd)/shared/data" ;;
+    covid)           own covid "" data=ucr data.problem=Covid3Month hydra.sweeper.objective=val/rmse \
+                       hydra.sweeper.direction=minimize "model.hidden_units=choice(16,64,256)" \
+                       "optimizer.lr=tag(log,interval(0.0003,0.01))" hydra.sweeper.n_trials=12 \
+                       hydra.sweeper.seeds=2 trainer.max_epochs=30 trainer.progress_bar=false ;;
+    gunpoint)        gunpoint ;;
     *) echo "unknown study $name" >&2; exit 2 ;;
   esac
 done

@@ -80,6 +80,7 @@ class RunResult:
     tracking_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    samples: str = "images"  # what train/images_per_s counts: images, series or volumes
 
 
 @contextlib.contextmanager
@@ -535,7 +536,8 @@ def train(
                 mlflow.set_tag("cnnstudy.epochs_trained", str(stop.epochs))
                 mlflow.end_run("KILLED")
                 raise
-    return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started)
+    samples = {1: "series", 2: "images", 3: "volumes"}[dims_of(cfg.data)]
+    return RunResult(run_id, experiment_id, uri, metrics, time.perf_counter() - started, samples)
 
 
 def _follow(
@@ -612,7 +614,7 @@ def summary(result: RunResult) -> str:
     return (
         f"{scores}"
         f"  params {int(m.get('model/params', 0)):,}"
-        f"  {m.get('train/images_per_s', 0):,.0f} images/s"
+        f"  {m.get('train/images_per_s', 0):,.0f} {result.samples}/s"
         f"  time {result.seconds:.1f} s\n"
         f"MLflow run {result.run_id} (experiment {result.experiment_id}) in "
         f"{redact_text(result.tracking_uri)}\n"
