@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def need_real_mnist() -> Path:
+    """../shared/data, where real MNIST lies; without it the test skips, or fails where
+    CNNSTUDY_REQUIRE_MNIST=1 (CI)."""
+    if not (SHARED / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        if os.environ.get("CNNSTUDY_REQUIRE_MNIST") == "1":
+            pytest.fail(f"CNNSTUDY_REQUIRE_MNIST=1 but real MNIST is not in {SHARED}")
+        pytest.skip("real MNIST not found in ../shared/data")
+    return SHARED
 
 
 def run_cli(

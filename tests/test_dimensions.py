@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError
 from cnnstudy.network.plan import totals
 
-from .conftest import run_cli, train_cli
+from .conftest import SHARED, need_real_mnist, run_cli, train_cli
 
 SEQUENCE = ["data.length=150", "data.height=null", "data.width=null", "data.channels=3"]
 VOLUME = ["data.depth=16", "data.height=28", "data.width=28", "data.channels=1"]
@@ -299,15 +298,9 @@ def test_a_3d_run_on_the_users_volumes_trains(tmp_path, monkeypatch):
     assert run.data.params["network.stage_outputs"] == '["6x6x6x10"]'
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.mark.slow
 def test_sequential_mnist_trains_on_real_mnist_read_as_sequences(tmp_path):
-    if not (SHARED / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        if os.environ.get("CNNSTUDY_REQUIRE_MNIST") == "1":
-            pytest.fail(f"CNNSTUDY_REQUIRE_MNIST=1 but real MNIST is not in {SHARED}")
-        pytest.skip("real MNIST not found in ../shared/data")
+    need_real_mnist()
     from cnnstudy.data.splits import load_splits
 
     rows = load_splits(
@@ -341,10 +334,7 @@ def test_sequential_mnist_trains_on_real_mnist_read_as_sequences(tmp_path):
 
 @pytest.mark.slow
 def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed(tmp_path):
-    if not (SHARED / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        if os.environ.get("CNNSTUDY_REQUIRE_MNIST") == "1":
-            pytest.fail(f"CNNSTUDY_REQUIRE_MNIST=1 but real MNIST is not in {SHARED}")
-        pytest.skip("real MNIST not found in ../shared/data")
+    need_real_mnist()
     from cnnstudy.data.sources import moving_mnist
 
     clips = [

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,8 @@ from cnnstudy.config.check import check, resolve
 from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError
 
-from .conftest import run_cli
+from .conftest import SHARED, need_real_mnist, run_cli
 from .test_study import runs_of, study
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _ucr(*overrides: str):
@@ -194,10 +191,7 @@ def test_the_1d_question_runs_as_a_tiny_study_with_its_report(tmp_path):
 
 @pytest.mark.slow
 def test_the_3d_question_runs_as_a_tiny_study_with_its_report(tmp_path):
-    if not (SHARED / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        if os.environ.get("CNNSTUDY_REQUIRE_MNIST") == "1":
-            pytest.fail(f"CNNSTUDY_REQUIRE_MNIST=1 but real MNIST is not in {SHARED}")
-        pytest.skip("real MNIST not found in ../shared/data")
+    need_real_mnist()
     report = _question(
         tmp_path,
         "clip_time",
