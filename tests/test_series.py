@@ -106,6 +106,24 @@ def test_series_sets_and_files_are_checked_with_clear_errors(tmp_path):
     (tmp_path / "n.ts").write_text("1,2,3:a\n")
     assert "no @data line" in _error("data=ucr", f"data.path={tmp_path / 'n.ts'}")
     assert "no such file" in _error(*good, f"data.test_path={tmp_path / 'absent.ts'}")
+    said = _error("data=ucr", f"data.test_path={train}")
+    assert said.startswith("data.test_path=") and "needs its training file too" in said
+    unlabelled = _ts(tmp_path / "l.ts", ["1.0,2.0,3.0", "2.0,1.0,0.0"], "@classLabel false")
+    assert "has no labels" in _error("data=ucr", f"data.path={unlabelled}")
+    ragged = _ts(tmp_path / "r.ts", ["1.0,2.0,3.0:1.0,2.0:a", "2.0,1.0,0.0:1,2,3:b"])
+    assert "series 1 has channels of [2, 3] steps" in _error("data=ucr", f"data.path={ragged}")
+    lying = _ts(
+        tmp_path / "e.ts", ["1.0,2.0,3.0:a", "2.0,1.0:b"], "@equalLength true\n@classLabel true a b"
+    )
+    assert "says @equalLength true" in _error("data=ucr", f"data.path={lying}")
+    cased = _ts(tmp_path / "c.ts", ["1.0,2.0,3.0:A", "2.0,1.0,0.0:a"], "@classLabel true A a")
+    assert "differ only in case (A, a)" in _error("data=ucr", f"data.path={cased}")
+    from cnnstudy.data.sources import ucr
+
+    spaced = _ts(tmp_path / "s.ts", ["1.0,2.0,3.0: a", "2.0,1.0,0.0: b"])
+    assert ucr(_ucr(f"data.path={spaced}").data).labels.tolist() == [0, 1]
+    said = _error("data=ucr", "data.problem=Covid3Month", "trainer.precision=bf16-true")
+    assert said.startswith("trainer.precision=bf16-true: a regression's targets")
 
     with pytest.raises(ConfigError, match="val/rmse is better lower"):
         check_settings(Settings(objective="val/rmse", direction="maximize"))
@@ -216,6 +234,8 @@ def test_medmnist_offline_is_a_clean_error_naming_the_file_and_where_it_goes(tmp
     download code runs and fails (no internet); without it, the check says so first."""
     said = _error("data=medmnist", f"data.root={tmp_path}", "data.problem=x")
     assert "valid (MedMNIST's 3D sets): organmnist3d" in said
+    layers = check(compose(["data=medmnist", f"data.root={tmp_path}"]))  # as describe does
+    assert layers[-1].out_shape == (11,)  # organmnist3d's 11 organs, from medmnist's table
     from cnnstudy.data.files import check_files
 
     cfg = _cfg_medmnist(tmp_path / "none")
@@ -243,8 +263,14 @@ def _cfg_medmnist(root: Path):
     return resolve(compose(["data=medmnist", f"data.root={root}"]))
 
 
-def test_a_medmnist_file_in_its_layout_is_read_with_its_classes(tmp_path):
+def test_a_medmnist_file_in_its_layout_is_read_with_its_classes_and_trains(tmp_path, monkeypatch):
+    """A file in medmnist's own layout (train/val/test _images and _labels), made here:
+    the real ones cannot be downloaded on this machine. Read, then a 3D run trains on it
+    in this process (what cnnstudy-train calls)."""
+    import mlflow
+
     from cnnstudy.data.splits import load_splits
+    from cnnstudy.run.train import train
 
     rng = np.random.default_rng(0)
     parts = {}
@@ -261,3 +287,23 @@ def test_a_medmnist_file_in_its_layout_is_read_with_its_classes(tmp_path):
     assert splits.train.images.shape[1:] == (1, 28, 28, 28)
     assert splits.classes[0] == "liver" and len(splits.classes) == 11
     assert splits.test.images.numpy()[:, 0].tolist() == parts["test_images"].tolist()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = train(
+        compose(
+            [
+                "data=medmnist",
+                f"data.root={tmp_path}",
+                "model.receptive_field=3",
+                "trainer=smoke",
+                "trainer.num_threads=1",
+                "logger.log_model=false",
+                "logger.log_images=false",
+                f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
+                f"logger.artifact_location={tmp_path}/a",
+            ]
+        )
+    )
+    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert run.data.params["data.problem"] == "organmnist3d"
+    assert run.data.params["network.stage_outputs"] == '["13x13x13x10"]'

@@ -214,6 +214,13 @@ def _check_data(cfg: DictConfig) -> None:
             )
         if d.classes:
             _fail("data.classes", list(d.classes), "a regression has no classes to keep")
+        if cfg.trainer.precision in ("16-true", "bf16-true"):
+            _fail(
+                "trainer.precision",
+                cfg.trainer.precision,
+                "a regression's targets would be cast to half precision with the inputs; "
+                "use 32-true or a mixed precision (bf16-mixed, 16-mixed)",
+            )
     if d.name == "medmnist":
         from cnnstudy.data.files import MEDMNIST_3D
 
@@ -275,7 +282,9 @@ def _check_data(cfg: DictConfig) -> None:
                 f"data.classes keeps {len(d.classes)} classes: set data.num_classes="
                 f"{len(d.classes)} (or 0, counted from data.classes)",
             )
-    elif d.task != "regression" and not (d.num_classes == 0 and d.name in ("folder", "npz", "csv")):
+    elif d.task != "regression" and not (
+        d.num_classes == 0 and d.name in ("folder", "npz", "csv", "medmnist", "ucr")
+    ):
         _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
         _share(cfg, "data", key)
@@ -522,8 +531,9 @@ def series_from_files(cfg: DictConfig) -> DictConfig:
         _fail("data.channels", d.channels, f"{value} has {channels}: set it, or 0 (from the files)")
     if not regression:
         classes = list(found[0]["classes"])
-        for s in found[1:]:
-            classes += [c for c in s["classes"] if c not in classes]
+        for s in found[1:]:  # aeon reads labels in lower case: one class whatever the case
+            seen = {c.lower() for c in classes}
+            classes += [c for c in s["classes"] if c.lower() not in seen]
         if d.num_classes == 0:
             d.num_classes = len(classes)
         elif d.num_classes != len(classes):

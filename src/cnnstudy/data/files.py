@@ -274,6 +274,11 @@ def ucr_problems() -> dict[str, Path]:
 def ts_files(data: Any) -> list[tuple[str, Path]]:
     """data=ucr: (key, path) of the .ts files read: data.path (and data.test_path), else
     the set data.problem's _TRAIN.ts and _TEST.ts from aeon's wheel; or a ConfigError."""
+    if data.test_path and not data.path:
+        raise ConfigError(
+            f"data.test_path={data.test_path}: a test file needs its training file too "
+            "(data.path=X_TRAIN.ts); or data.test_path='' for the set data.problem names"
+        )
     if data.path:
         found = []
         for key in ("path", "test_path"):
@@ -334,22 +339,43 @@ def ts_summary(path: Path) -> dict[str, Any]:
         raise ConfigError(f"data: {path} has time stamps (@timeStamps true): not read here")
     regression = header.get("@targetlabel", ["false"])[0].lower() == "true"
     listed = header.get("@classlabel", ["false"])
+    if not regression and listed[0].lower() != "true":
+        raise ConfigError(
+            f"data: {path} has no labels (neither @classLabel true nor @targetLabel true): "
+            "cnnstudy trains on labelled series"
+        )
     channels, shortest, longest, labels, missing = set(), None, 0, set(), False
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
         *dims, label = row.strip().split(":")
         channels.add(len(dims))
-        for dim in dims:
-            n = dim.count(",") + 1
+        steps = {dim.count(",") + 1 for dim in dims}
+        if len(steps) > 1:
+            raise ConfigError(
+                f"data: {path}: series {number} has channels of {sorted(steps)} steps; every "
+                "channel of a series must have the same length"
+            )
+        for n in steps:
             shortest = n if shortest is None else min(shortest, n)
             longest = max(longest, n)
         labels.add(label.strip())
         missing = missing or "?" in row or "NaN" in row
+    if shortest != longest and header.get("@equallength", ["false"])[0].lower() == "true":
+        raise ConfigError(
+            f"data: {path} says @equalLength true, but its series run from {shortest} to "
+            f"{longest} steps; correct the header (@equalLength false) or the series"
+        )
     if len(channels) != 1:
         raise ConfigError(
             f"data: {path}: its series have {sorted(channels)} channels; one number for all"
         )
     if listed[0].lower() == "true":
         classes = listed[1:]
+        lowered = [c.lower() for c in classes]
+        if len(set(lowered)) != len(lowered):
+            raise ConfigError(
+                f"data: {path}: class names that differ only in case ({', '.join(classes)}): "
+                "aeon reads labels in lower case, so they would be one class; rename them"
+            )
         unlisted = {label.lower() for label in labels} - {c.lower() for c in classes}
         if unlisted:
             raise ConfigError(
@@ -397,8 +423,10 @@ _medmnist_info: dict[str, Any] = {}
 
 def medmnist_info(flag: str) -> dict[str, Any]:
     """medmnist's own INFO entry for a set (classes, URL, MD5, sizes), read from its
-    info.py without importing the package (which imports torch)."""
+    info.py as data: neither that module (which makes ~/.medmnist when it runs) nor the
+    package (which imports torch) is imported."""
     if not _medmnist_info:
+        import ast
         import importlib.util
 
         spec = importlib.util.find_spec("medmnist")
@@ -407,10 +435,13 @@ def medmnist_info(flag: str) -> dict[str, Any]:
                 "data=medmnist: the medmnist package is not installed (pip install medmnist)"
             )
         path = Path(list(spec.submodule_search_locations)[0]) / "info.py"
-        module_spec = importlib.util.spec_from_file_location("_medmnist_info", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        _medmnist_info.update(module.INFO)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(
+                getattr(target, "id", None) == "INFO" for target in node.targets
+            ):
+                _medmnist_info.update(ast.literal_eval(node.value))
+        if not _medmnist_info:
+            raise ConfigError(f"data=medmnist: no INFO table in {path}: another medmnist version?")
     return _medmnist_info[flag]
 
 

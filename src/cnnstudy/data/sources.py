@@ -498,7 +498,8 @@ def ucr(data: Any) -> Decoded:
     classes: list[str] = []
     if data.task != "regression":
         for path in files:
-            classes += [c for c in ts_summary(path)["classes"] if c not in classes]
+            seen = {c.lower() for c in classes}
+            classes += [c for c in ts_summary(path)["classes"] if c.lower() not in seen]
     index = {name.lower(): i for i, name in enumerate(classes)}  # rows may differ in case
 
     def read(path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,7 +512,13 @@ def ucr(data: Any) -> Decoded:
             out[i, :, : series.shape[-1]] = series
         if data.task == "regression":
             return torch.from_numpy(out), torch.from_numpy(np.asarray(y, dtype=np.float32))
-        labels = torch.tensor([index[str(label).lower()] for label in y], dtype=torch.long)
+        try:
+            codes = [index[str(label).strip().lower()] for label in y]
+        except KeyError as err:
+            raise ConfigError(
+                f"data: {path} holds the label {err}, which its @classLabel line does not list"
+            ) from None
+        labels = torch.tensor(codes, dtype=torch.long)
         return torch.from_numpy(out), labels
 
     x, y = read(files[0])

@@ -213,14 +213,15 @@ class Regressor(Classifier):
         if totals is None:
             totals = self._totals[stage] = RegressionTotals()
         x, y = batch
-        out = self.network(x).squeeze(1)
+        out = self.network(x).squeeze(1).float()  # float32 under mixed precision too
+        y = y.float()
         loss = F.mse_loss(out, (y - self.target_mean) / self.target_std)
         totals.add(out * self.target_std + self.target_mean, y, loss)
         return loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predictions in the targets' units."""
-        return self.network(x).squeeze(1) * self.target_std + self.target_mean
+        return self.network(x).squeeze(1).float() * self.target_std + self.target_mean
 
     @staticmethod
     def epoch_metrics(sums: list[float], count: float) -> dict[str, float]:

@@ -473,6 +473,13 @@ def train(
             run_id = request.run_id = run.info.run_id
             try:
                 record_setup(cfg, layers, splits, datamodule.mean, datamodule.std, uri)
+                if cfg.data.task == "regression":  # what the output unit is scaled by
+                    mlflow.log_params(
+                        {
+                            "data.target_mean": system.target_mean,
+                            "data.target_std": system.target_std,
+                        }
+                    )
                 raise_if_signalled()
                 counts = totals(layers)
                 logger = RunLogger(

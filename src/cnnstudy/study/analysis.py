@@ -79,7 +79,7 @@ class Analysis:
 
     @property
     def _is_accuracy(self) -> bool:
-        return self.objective.endswith("acc") and self.maximize
+        return self.objective.endswith(("acc", "r2")) and self.maximize
 
     @property
     def error_name(self) -> str:

@@ -40,6 +40,8 @@ KEPT_METRICS = (
     "test/acc",
     "test/loss",
     "val/rmse",
+    "val/mae",
+    "val/r2",
     "test/rmse",
     "test/mae",
     "test/r2",
