@@ -333,7 +333,7 @@ def test_sequential_mnist_trains_on_real_mnist_read_as_sequences(tmp_path):
 
 
 @pytest.mark.slow
-def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed(tmp_path):
+def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed():
     need_real_mnist()
     from cnnstudy.data.sources import moving_mnist
 
@@ -355,18 +355,7 @@ def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed(tmp_path):
     assert (frames == frames[:, :1]).all() and (frames > 0).all()
     assert (made.images[:, 0, 0] != made.images[:, 0, -1]).flatten(1).any(1).float().mean() > 0.9
     assert set(made.labels.tolist()) <= set(range(10)) and len(set(made.labels.tolist())) > 5
-    _, (run,) = train_cli(
-        tmp_path,
-        *clips,
-        "data.clips=120",
-        f"data.cache_dir={tmp_path}",
-        "model.receptive_field=[3,5,5]",
-        "model.pool_size=[1,2,2]",
-        "model.pool_stride=[1,2,2]",
-        "trainer=smoke",
-    )
-    assert run.info.status == "FINISHED"
-    assert run.data.params["network.stage_outputs"] == '["4x16x18x10"]'
+    # a run on these clips through cnnstudy-train: test_series.py's 3D question, a study
 
 
 def test_series_from_the_ucr_archives_tsv_format(tmp_path, monkeypatch):

@@ -194,7 +194,7 @@ def _question(tmp_path: Path, sweep: str, *args: str) -> Path:
 @pytest.mark.slow
 def test_the_1d_question_runs_as_a_tiny_study_with_its_report(tmp_path):
     report = _question(
-        tmp_path, "series_field", "data.problem=GunPoint", "hydra.sweeper.n_trials=3"
+        tmp_path, "series_field", "data.problem=GunPoint", "hydra.sweeper.n_trials=2"
     )
     page = report.read_text()
     assert "how wide must a filter be to see the shape in a series?" in page
