@@ -355,6 +355,20 @@ def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed():
     assert (frames == frames[:, :1]).all() and (frames > 0).all()
     assert (made.images[:, 0, 0] != made.images[:, 0, -1]).flatten(1).any(1).float().mean() > 0.9
     assert set(made.labels.tolist()) <= set(range(10)) and len(set(made.labels.tolist())) > 5
+    # two digits a clip: the first is the one-digit clip's (the same draws come first),
+    # overlaid by its brighter pixels; the class is the pair, in either order
+    two = moving_mnist(resolve(compose([*clips, "data.digits=2"])).data)
+    assert resolve(compose([*clips, "data.digits=2"])).data.num_classes == len(two.classes) == 55
+    assert (two.images >= made.images).all() and (two.images != made.images).any()
+    pairs = [two.classes[i].split("+") for i in two.labels.tolist()]
+    assert all(a <= b for a, b in pairs)
+    assert all(str(d) in pair for d, pair in zip(made.labels.tolist(), pairs, strict=True))
+    said = str(
+        pytest.raises(
+            ConfigError, check, compose([*clips, "data.digits=2", "data.num_classes=10"])
+        ).value
+    )
+    assert said.startswith("data.num_classes=10: moving MNIST with data.digits=2 has 55")
     # a run on these clips through cnnstudy-train: test_series.py's 3D question, a study
 
 

@@ -250,6 +250,17 @@ def _check_data(cfg: DictConfig) -> None:
                 _fail(f"data.{key}", d[key], "a frame holds a 28x28 digit: at least 28")
         if d.clips < 10:
             _fail("data.clips", d.clips, "must be at least 10")
+        if d.digits not in (1, 2):
+            _fail(
+                "data.digits", d.digits, "digits a clip: 1 (the class: the digit) or 2 (the pair)"
+            )
+        if d.num_classes not in (0, 10 if d.digits == 1 else 55):
+            _fail(
+                "data.num_classes",
+                d.num_classes,
+                f"moving MNIST with data.digits={d.digits} has "
+                f"{10 if d.digits == 1 else 55} classes: set that, or 0",
+            )
     if d.name == "sequential_mnist" and (
         d.length is None or (d.channels, d.length) not in ((1, 784), (28, 28))
     ):
@@ -283,7 +294,7 @@ def _check_data(cfg: DictConfig) -> None:
                 f"{len(d.classes)} (or 0, counted from data.classes)",
             )
     elif d.task != "regression" and not (
-        d.num_classes == 0 and d.name in ("folder", "npz", "csv", "medmnist", "ucr")
+        d.num_classes == 0 and d.name in ("folder", "npz", "csv", "medmnist", "ucr", "moving_mnist")
     ):
         _at_least(cfg, "data", "num_classes", 2)
     for key in ("val_fraction", "test_fraction"):
@@ -480,6 +491,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
         from cnnstudy.data.files import count_npz_classes
 
         cfg.data.num_classes = count_npz_classes(cfg.data)
+    elif cfg.data.name == "moving_mnist" and cfg.data.num_classes == 0:
+        cfg.data.num_classes = 10 if cfg.data.digits == 1 else 55
     elif cfg.data.name == "medmnist" and cfg.data.num_classes == 0:
         from cnnstudy.data.files import MEDMNIST_3D, medmnist_info
 

@@ -89,6 +89,7 @@ class DataConfig:
     # moving_mnist: training clips made (a sixth as many test clips), and their seed
     clips: int = 6000
     clip_seed: int = 0
+    digits: int = 1  # moving_mnist: digits a clip, 1 (the class: the digit) or 2 (the pair)
     fit: str = "resize"  # how images reach height x width: resize, pad (centre/crop), resize_pad
     bad_images: str = (
         "error"  # folder: unreadable files stop the run (error) or are left out (skip)

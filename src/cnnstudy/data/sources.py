@@ -253,39 +253,54 @@ def _bounce(start: torch.Tensor, step: torch.Tensor, t: int, room: int) -> torch
 
 
 def moving_mnist(data: Any) -> Decoded:
-    """Moving MNIST (3D clips), as Srivastava et al. (2015) made it: a 28x28 MNIST digit
-    moving at a constant velocity inside a data.height x data.width frame for data.depth
-    frames, bouncing off the edges; the class is the digit. data.clips training clips
-    from MNIST's training digits and a sixth as many test clips from its test digits,
-    drawn from data.clip_seed: the same seed, the same clips (then cached)."""
+    """Moving MNIST (3D clips), as Srivastava et al. (2015) made it: 28x28 MNIST digits
+    moving at constant velocities inside a data.height x data.width frame for data.depth
+    frames, bouncing off the edges, overlaid by their brighter pixel. With one digit a
+    clip (data.digits=1) the class is the digit; with two, the pair in either order (55
+    classes, "3+7"). data.clips training clips from MNIST's training digits and a sixth as
+    many test clips from its test digits, drawn from data.clip_seed: the same seed, the
+    same clips (then cached)."""
     digits = _mnist_digits(data)
     generator = torch.Generator().manual_seed(int(data.clip_seed))
     frames, height, width = int(data.depth), int(data.height), int(data.width)
+    per = int(data.get("digits", 1))
 
-    def clips(images: torch.Tensor, labels: torch.Tensor, n: int):
-        pick = torch.randint(len(labels), (n,), generator=generator)
+    def moving(images: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+        """One digit more in each of the n clips `out`; the digits' indices."""
+        pick = torch.randint(len(images), (n,), generator=generator)
         rooms = (height - 28, width - 28)
         starts = [torch.rand(n, generator=generator, dtype=torch.float64) * r for r in rooms]
         angle = torch.rand(n, generator=generator, dtype=torch.float64) * 2 * torch.pi
         speed = 1 + 2 * torch.rand(n, generator=generator, dtype=torch.float64)  # px a frame
         steps = (speed * torch.sin(angle), speed * torch.cos(angle))
-        out = torch.zeros(n, 1, frames, height, width, dtype=torch.uint8)
         for t in range(frames):
             ys = _bounce(starts[0], steps[0], t, rooms[0]).tolist()
             xs = _bounce(starts[1], steps[1], t, rooms[1]).tolist()
             for i, (y, x) in enumerate(zip(ys, xs, strict=True)):
-                out[i, 0, t, y : y + 28, x : x + 28] = images[pick[i], 0]
-        return out, labels[pick]
+                window = out[i, 0, t, y : y + 28, x : x + 28]
+                torch.maximum(window, images[pick[i], 0], out=window)
+        return pick
+
+    def clips(images: torch.Tensor, labels: torch.Tensor, n: int):
+        out = torch.zeros(n, 1, frames, height, width, dtype=torch.uint8)
+        picks = [moving(images, n, out) for _ in range(per)]
+        if per == 1:
+            return out, labels[picks[0]]
+        low, high = torch.stack([labels[p] for p in picks], 1).sort(1).values.unbind(1)
+        return out, 10 * low - low * (low - 1) // 2 + (high - low)  # the pair's index
 
     train, train_labels = clips(digits.images, digits.labels, int(data.clips))
     test, test_labels = clips(digits.test_images, digits.test_labels, max(1, int(data.clips) // 6))
+    classes = digits.classes
+    if per == 2:
+        classes = [f"{a}+{b}" for a in range(10) for b in range(a, 10)]
     return Decoded(
         train,
         train_labels,
-        digits.classes,
+        classes,
         test,
         test_labels,
-        source=f"{digits.source} (moving in {frames} frames of {height}x{width}, "
+        source=f"{digits.source} ({per} moving in {frames} frames of {height}x{width}, "
         f"seed {data.clip_seed})",
     )
 

@@ -102,6 +102,8 @@ def decode_key(data: Any) -> str:
         settings["series"] = [data.problem, data.task, data.unequal]
     if data.name == "moving_mnist":
         settings["clips"] = [data.clips, data.clip_seed]
+        if data.get("digits", 1) != 1:  # one digit: the key it always had
+            settings["clips"].append(data.digits)
     if data.name == "digits":
         from importlib import metadata
 
