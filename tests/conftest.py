@@ -53,6 +53,35 @@ def store(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def train_in_process(where: Path, *overrides: str):
+    """A smoke run through `cnnstudy.run.train.train` (what cnnstudy-train and a study's
+    trials call) in this process, its store under `where`; the finished MLflow run."""
+    import mlflow
+
+    from cnnstudy.config.compose import compose
+    from cnnstudy.run.train import train
+
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        result = train(
+            compose(
+                [
+                    *overrides,
+                    "trainer=smoke",
+                    "trainer.num_threads=1",
+                    "logger.log_model=false",
+                    "logger.log_images=false",
+                    f"logger.tracking_uri=sqlite:///{where}/m.db",
+                    f"logger.artifact_location={where}/a",
+                ]
+            )
+        )
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    return mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
+
+
 def train_cli(where: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list]:
     """cnnstudy-train in its own MLflow store under `where`; the process and its runs."""
     import mlflow

@@ -168,6 +168,41 @@ def test_a_signal_at_any_moment_of_a_study_exits_128_plus_it_without_a_traceback
         _nothing_running(tmp_path)
 
 
+def test_sigterm_while_the_parent_run_is_made_ends_it_killed(tmp_path):
+    """The moment a signal once left the parent run RUNNING (seen in CI, the 6 s case
+    above): SIGTERM arrives just as the study's MLflow parent run has been made. The
+    command's own entry point, with the parent run's maker wrapped to send it."""
+    import sys
+
+    argv, env = study_command(tmp_path, "hydra.sweeper.n_trials=2")
+    script = (
+        "import os, signal, sys\n"
+        "import cnnstudy.study.loop as loop\n"
+        "made = loop.open_parent_run\n"
+        "def maker(*args, **kwargs):\n"
+        "    opened = made(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return opened\n"
+        "loop.open_parent_run = maker\n"
+        "sys.argv = ['cnnstudy-train', *sys.argv[1:]]\n"
+        "from cnnstudy.run.train import cli\n"
+        "cli()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    (parent,) = [r for r in runs_of(tmp_path) if r.data.tags.get("cnnstudy.run_kind") == "study"]
+    assert parent.info.status == "KILLED", parent.info.status
+    assert "SIGTERM" in parent.data.tags["cnnstudy.killed_reason"]
+    assert not [t for t in trials_of(tmp_path, "hidden_units") if t.state == TrialState.RUNNING]
+
+
 def test_a_full_disk_is_said_in_a_line_and_the_study_resumes_after(tmp_path):
     """No file of the study may grow (RLIMIT_FSIZE: a write past the limit fails with
     EFBIG, as on a full disk; Python ignores the SIGXFSZ that comes with it)."""

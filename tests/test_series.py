@@ -13,7 +13,7 @@ from cnnstudy.config.check import check, resolve
 from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError
 
-from .conftest import SHARED, need_real_mnist, run_cli
+from .conftest import SHARED, need_real_mnist, run_cli, train_in_process
 from .test_study import runs_of, study
 
 
@@ -263,14 +263,11 @@ def _cfg_medmnist(root: Path):
     return resolve(compose(["data=medmnist", f"data.root={root}"]))
 
 
-def test_a_medmnist_file_in_its_layout_is_read_with_its_classes_and_trains(tmp_path, monkeypatch):
+def test_a_medmnist_file_in_its_layout_is_read_with_its_classes_and_trains(tmp_path):
     """A file in medmnist's own layout (train/val/test _images and _labels), made here:
     the real ones cannot be downloaded on this machine. Read, then a 3D run trains on it
     in this process (what cnnstudy-train calls)."""
-    import mlflow
-
     from cnnstudy.data.splits import load_splits
-    from cnnstudy.run.train import train
 
     rng = np.random.default_rng(0)
     parts = {}
@@ -287,23 +284,9 @@ def test_a_medmnist_file_in_its_layout_is_read_with_its_classes_and_trains(tmp_p
     assert splits.train.images.shape[1:] == (1, 28, 28, 28)
     assert splits.classes[0] == "liver" and len(splits.classes) == 11
     assert splits.test.images.numpy()[:, 0].tolist() == parts["test_images"].tolist()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = train(
-        compose(
-            [
-                "data=medmnist",
-                f"data.root={tmp_path}",
-                "model.receptive_field=3",
-                "trainer=smoke",
-                "trainer.num_threads=1",
-                "logger.log_model=false",
-                "logger.log_images=false",
-                f"logger.tracking_uri=sqlite:///{tmp_path}/m.db",
-                f"logger.artifact_location={tmp_path}/a",
-            ]
-        )
+    run = train_in_process(
+        tmp_path, "data=medmnist", f"data.root={tmp_path}", "model.receptive_field=3"
     )
-    run = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
     assert run.data.params["data.problem"] == "organmnist3d"
     assert run.data.params["network.stage_outputs"] == '["13x13x13x10"]'

@@ -161,8 +161,14 @@ class StudyRunner:
         self.fixed_values = fixed
         self._check_before_the_first_trial(space)
         try:
-            self._open(space)
-        except (ConfigError, Interrupted):
+            # a signal while the parent run is made is noted, and raised once it exists:
+            # acted on at once, it would leave that run RUNNING, known to no one
+            with signals_interrupt(preemption=jobs.in_job()):
+                self._open(space)
+        except Interrupted as err:
+            self._close_parent(err)
+            raise
+        except ConfigError:
             raise
         except Exception as err:
             fault = self._fault(err)
@@ -175,17 +181,22 @@ class StudyRunner:
             fault = None
             if isinstance(err, Exception) and not isinstance(err, ConfigError):
                 fault = self._fault(err)
-            # the parent run is the driver's; a worker ends it only when the driver is gone
-            closed = getattr(self, "parent_closed", False)  # FINISHED already: it stays
-            if not closed and (not workers.is_worker() or workers.driver_gone()):
-                stopped = isinstance(err, (Interrupted, KeyboardInterrupt))
-                status = "KILLED" if stopped else "FAILED"
-                uri, parent = self.tracking.uri, self.tracking.parent_run_id
-                why = _why(fault or err)
-                best_effort(close_parent_run, uri, parent, status, why)
+            self._close_parent(err, fault)
             if fault is not None:
                 raise fault from None
             raise
+
+    def _close_parent(self, err: BaseException, fault: ConfigError | None = None) -> None:
+        """The parent run ended KILLED (a signal) or FAILED, where this process may end it:
+        the parent run is the driver's; a worker ends it only when the driver is gone."""
+        tracking = getattr(self, "tracking", None)
+        closed = getattr(self, "parent_closed", False)  # FINISHED already: it stays
+        if tracking is None or closed or (workers.is_worker() and not workers.driver_gone()):
+            return
+        stopped = isinstance(err, (Interrupted, KeyboardInterrupt))
+        status = "KILLED" if stopped else "FAILED"
+        why = _why(fault or err)
+        best_effort(close_parent_run, tracking.uri, tracking.parent_run_id, status, why)
 
     def _fault(self, err: BaseException) -> ConfigError | None:
         from cnnstudy.run.store import tracking_uri
@@ -264,24 +275,28 @@ class StudyRunner:
         import mlflow
 
         s, study, tracking = self.settings, self.study, self.tracking
-        self._mark_dead_trials()
-        self.trials = TrialRunner(s, self.config, self.launcher, self.loader, self.fixed, tracking)
-        client = mlflow.MlflowClient(tracking.uri)
         head = jobs.is_submitit(self.config) and not workers.is_worker()
-        if s.n_jobs > 1 and not workers.is_worker() and not head:
-            from cnnstudy.config.check import device_count
-
-            per_trial = device_count(self.config.trainer.devices) or 1
-            self.workers = workers.start_workers(s.n_jobs - 1, threads, per_trial, self.started)
-        if workers.is_worker():
-            workers.follow_driver()  # no worker outlives the command that started it
-        log.info(
-            f"study {study.study_name} in {redact_text(self.url)}: "
-            f"{finished_count(study)} of {self.target} trials finished; MLflow parent run "
-            f"{tracking.parent_run_id}"
-        )
-        try:
+        try:  # from here on the parent run exists: a signal is noted, raised at a safe point
             with signals_interrupt(preemption=jobs.in_job()):
+                self._mark_dead_trials()
+                self.trials = TrialRunner(
+                    s, self.config, self.launcher, self.loader, self.fixed, tracking
+                )
+                client = mlflow.MlflowClient(tracking.uri)
+                if s.n_jobs > 1 and not workers.is_worker() and not head:
+                    from cnnstudy.config.check import device_count
+
+                    per_trial = device_count(self.config.trainer.devices) or 1
+                    self.workers = workers.start_workers(
+                        s.n_jobs - 1, threads, per_trial, self.started
+                    )
+                if workers.is_worker():
+                    workers.follow_driver()  # no worker outlives the command that started it
+                log.info(
+                    f"study {study.study_name} in {redact_text(self.url)}: "
+                    f"{finished_count(study)} of {self.target} trials finished; MLflow "
+                    f"parent run {tracking.parent_run_id}"
+                )
                 if head:
                     self._head(client)
                 else:
