@@ -4,13 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup browser postgresql services services-stop test-services demo test test-fast ui bench bench-cluster bench-gpu lint clean
+.PHONY: setup browser postgresql debian-packages services services-stop test-services demo test test-fast ui bench bench-cluster bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision first, pinned: pip takes them from this machine's disk.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat  # src/ on sys.path: Hydra finds hydra_plugins
+	# --no-compile: Python compiles what it imports when it first imports it, not all
+	# 19,000 files of the venv at install time
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile -e '.[dev]' --config-settings editable_mode=compat  # src/ on sys.path: Hydra finds hydra_plugins
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -18,15 +20,20 @@ setup: $(STAMP)
 
 # Debian's chromium, for the test that opens a report in a headless browser
 browser:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
-	  >/dev/null 2>&1; } || echo "chromium not installed: the browser test will skip"
+	@$(MAKE) -s debian-packages WANT=chromium
 
 # Debian's PostgreSQL server, for storage=postgres (the study shared by many machines)
 postgresql:
-	@command -v pg_ctlcluster >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql) \
-	  >/dev/null 2>&1; } || echo "postgresql not installed: make services cannot start it"
+	@$(MAKE) -s debian-packages WANT=postgresql
+
+# The Debian packages in WANT that are missing, with one apt-get update for all of them
+WANT ?= chromium postgresql
+debian-packages:
+	@missing="$(if $(filter chromium,$(WANT)),$$(command -v chromium >/dev/null 2>&1 || echo chromium))\
+	  $(if $(filter postgresql,$(WANT)),$$(command -v pg_ctlcluster >/dev/null 2>&1 || echo postgresql))"; \
+	missing=$$(echo $$missing); [ -z "$$missing" ] || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing) \
+	  >/dev/null 2>&1; } || echo "$$missing not installed: the tests that need it skip"
 
 # PostgreSQL and an MLflow tracking server on 127.0.0.1 (README: Services); twice is harmless
 services: setup postgresql
@@ -47,7 +54,10 @@ demo: setup
 	$(BIN)/cnnstudy-ui --print-only
 	@echo "Start the dashboard with: make ui"
 
-test: setup browser test-services
+# the venv and the Debian packages are installed at once (pip and apt-get in parallel)
+test:
+	@$(MAKE) -s -j2 setup debian-packages
+	@$(MAKE) -s test-services
 	$(BIN)/pytest -q -n 2 --dist worksteal  # two workers: most tests wait on a subprocess
 
 test-fast: setup

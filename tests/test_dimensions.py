@@ -16,7 +16,7 @@ from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError
 from cnnstudy.network.plan import totals
 
-from .conftest import SHARED, need_real_mnist, run_cli, train_cli, train_in_process
+from .conftest import SHARED, SMOKE, need_real_mnist, run_cli, train_cli
 
 SEQUENCE = ["data.length=150", "data.height=null", "data.width=null", "data.channels=3"]
 VOLUME = ["data.depth=16", "data.height=28", "data.width=28", "data.channels=1"]
@@ -271,11 +271,10 @@ def test_a_1d_run_on_the_users_arrays_trains_and_reproduces_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_a_3d_run_on_the_users_volumes_trains(tmp_path):
-    """In this process (train(), as a study's trials call it): the npz source's own
-    command-line run is the 1D test above."""
     path = _arrays(tmp_path / "v.npz", (48, 1, 8, 16, 16))
-    run = train_in_process(
+    _, (run,) = train_cli(
         tmp_path,
+        *SMOKE,
         *_npz(path, "data.length=null", "data.depth=8", "data.height=16", "data.width=16"),
         "model.receptive_field=[3,5,5]",
         "model.pool_size=[1,2,2]",
@@ -359,6 +358,7 @@ def test_moving_mnist_clips_are_real_digits_moving_made_from_a_seed():
     # a run on these clips through cnnstudy-train: test_series.py's 3D question, a study
 
 
+@pytest.mark.slow
 def test_series_from_the_ucr_archives_tsv_format(tmp_path):
     """data=csv: one series a row, its label first (GunPoint_TRAIN.tsv's layout); labels
     become classes in numeric order; bad rows are one line naming the file and the row;
@@ -405,5 +405,5 @@ def test_series_from_the_ucr_archives_tsv_format(tmp_path):
     with pytest.raises(ConfigError, match="data.channels=3: a CSV row is one series"):
         check(compose([*base, "data.channels=3"]))
 
-    run = train_in_process(tmp_path, *base)
+    _, (run,) = train_cli(tmp_path, *SMOKE, *base)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics

@@ -13,7 +13,7 @@ from cnnstudy.config.check import check, resolve
 from cnnstudy.config.compose import compose
 from cnnstudy.errors import ConfigError
 
-from .conftest import SHARED, need_real_mnist, run_cli, train_in_process
+from .conftest import SHARED, SMOKE, need_real_mnist, run_cli, train_cli
 from .test_study import runs_of, study
 
 
@@ -263,6 +263,7 @@ def _cfg_medmnist(root: Path):
     return resolve(compose(["data=medmnist", f"data.root={root}"]))
 
 
+@pytest.mark.slow
 def test_a_medmnist_file_in_its_layout_is_read_with_its_classes_and_trains(tmp_path):
     """A file in medmnist's own layout (train/val/test _images and _labels), made here:
     the real ones cannot be downloaded on this machine. Read, then a 3D run trains on it
@@ -284,8 +285,8 @@ def test_a_medmnist_file_in_its_layout_is_read_with_its_classes_and_trains(tmp_p
     assert splits.train.images.shape[1:] == (1, 28, 28, 28)
     assert splits.classes[0] == "liver" and len(splits.classes) == 11
     assert splits.test.images.numpy()[:, 0].tolist() == parts["test_images"].tolist()
-    run = train_in_process(
-        tmp_path, "data=medmnist", f"data.root={tmp_path}", "model.receptive_field=3"
+    _, (run,) = train_cli(
+        tmp_path, *SMOKE, "data=medmnist", f"data.root={tmp_path}", "model.receptive_field=3"
     )
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
     assert run.data.params["data.problem"] == "organmnist3d"
