@@ -9,10 +9,8 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision first, pinned: pip takes them from this machine's disk.
-	# --no-compile: Python compiles what it imports when it first imports it, not all
-	# 19,000 files of the venv at install time
-	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q --no-compile -e '.[dev]' --config-settings editable_mode=compat  # src/ on sys.path: Hydra finds hydra_plugins
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat  # src/ on sys.path: Hydra finds hydra_plugins
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import selectors
+import select
 import signal
 import socket
 import subprocess
@@ -34,98 +34,82 @@ def need_real_mnist() -> Path:
 def run_cli(
     name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """The console script NAME with ARGS in a new process, its output captured.
+    """The console script NAME with ARGS in a new process (see `start_cli`), its output
+    captured; the environment is this process's, without MLFLOW_TRACKING_URI, plus ENV."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    argv = [str(BIN / name), *args]
+    proc = start_cli(
+        argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def start_cli(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None, **popen):
+    """subprocess.Popen(ARGV, ...) for a console script of BIN.
 
     cnnstudy-train, -reproduce and -report start as a fork of a process that has already
     imported torch, Lightning and MLflow (tests/forkserver.py): the script's own entry
-    point, argv, environment and exit status, without 5-9 s of imports each time. An
-    environment that sets what a process reads only when it starts (OMP_*, PYTHON*, ...)
-    gets a fresh process, as does every command where CNNSTUDY_TEST_FORK=0."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env.update(env or {})
-    if name in _FORKED and os.environ.get("CNNSTUDY_TEST_FORK", "1") != "0":
-        server = _ForkServer.get()
-        if server.can_run(full_env):
-            return server.run(name, list(args), cwd, full_env, timeout)
-    return subprocess.run(
-        [str(BIN / name), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    point, argv, environment, folder and exit status, without 5-9 s of imports each time.
+    Its handle has Popen's pid, stdout, stderr, returncode, poll, wait, communicate,
+    send_signal, terminate and kill. Every other command, and every command where
+    CNNSTUDY_TEST_FORK=0, is a plain Popen."""
+    env = dict(os.environ if env is None else env)
+    name = Path(argv[0]).name
+    if (
+        Path(argv[0]).parent == BIN
+        and name in _FORKED
+        and os.environ.get("CNNSTUDY_TEST_FORK", "1") != "0"
+    ):
+        return _Forked(_ForkServer.get(env), argv, cwd, env, **popen)
+    return subprocess.Popen(argv, cwd=cwd, env=env, **popen)
 
 
 _FORKED = {"cnnstudy-train", "cnnstudy-reproduce", "cnnstudy-report"}
+# what a process reads when it starts, not later: a fork server of its own for each setting
 _READ_AT_START = ("OMP_", "MKL_", "OPENBLAS_", "PYTHON", "LD_", "TORCH", "CUDA", "MALLOC")
 
 
 class _ForkServer:
-    """This test process's client of tests/forkserver.py, started at its first use."""
+    """A client of tests/forkserver.py, one per setting of what a process reads when it
+    starts (OMP_NUM_THREADS, ...), started at its first use in this test process."""
 
-    _one: _ForkServer | None = None
+    _all: dict[tuple, _ForkServer] = {}
 
     @classmethod
-    def get(cls) -> _ForkServer:
-        if cls._one is None or cls._one.proc.poll() is not None:
-            cls._one = cls()
-        return cls._one
+    def get(cls, env: dict[str, str]) -> _ForkServer:
+        key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(_READ_AT_START)))
+        if key not in cls._all or cls._all[key].proc.poll() is not None:
+            cls._all[key] = cls(env)
+        return cls._all[key]
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         ours, theirs = socket.socketpair()
-        self.env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        own = {  # this process's environment, with the start-time settings of ENV
+            **{k: v for k, v in os.environ.items() if not k.startswith(_READ_AT_START)},
+            **{k: v for k, v in env.items() if k.startswith(_READ_AT_START)},
+        }
+        own.pop("MLFLOW_TRACKING_URI", None)
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("forkserver.py")), str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
-            env=self.env,
+            env=own,
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
         self.sock = ours
-        self.answers = ours.makefile("rb")
         self.lock = threading.Lock()
         atexit.register(self.close)
 
-    def can_run(self, env: dict[str, str]) -> bool:
-        """Whether a fork sees ENV as a new process would: the same start-time settings."""
-        keys = {k for k in (*env, *self.env) if k.startswith(_READ_AT_START)}
-        return all(env.get(k) == self.env.get(k) for k in keys)
-
-    def run(
-        self, name: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float
-    ) -> subprocess.CompletedProcess:
-        (entry,) = [e.value for e in entry_points(group="console_scripts", name=name)]
-        request = {
-            "script": str(BIN / name),
-            "entry": entry,
-            "args": args,
-            "cwd": str(cwd),
-            "env": env,
-        }
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+    def send(self, request: dict, fds: list[int]) -> None:
         with self.lock:
-            try:
-                socket.send_fds(self.sock, [json.dumps(request).encode()], [out_w, err_w])
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            pid = self._answer()["pid"]
-            out, err, late = _read_until_closed(out_r, err_r, time.monotonic() + timeout)
-            if late:
-                os.kill(pid, signal.SIGKILL)
-            returncode = self._answer()["returncode"]
-        argv = [request["script"], *args]
-        if late:
-            raise subprocess.TimeoutExpired(argv, timeout, out, err)
-        return subprocess.CompletedProcess(argv, returncode, out, err)
-
-    def _answer(self) -> dict:
-        line = self.answers.readline()
-        if not line:
-            raise RuntimeError(f"tests/forkserver.py ended (exit {self.proc.wait()})")
-        return json.loads(line)
+            socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
 
     def close(self) -> None:
         self.sock.close()
@@ -135,33 +119,127 @@ class _ForkServer:
             self.proc.kill()
 
 
-def _read_until_closed(out_r: int, err_r: int, deadline: float) -> tuple[str, str, bool]:
-    """Both pipes read until every writer closed them (or DEADLINE: then late is True)."""
-    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-    late = False
-    with selectors.DefaultSelector() as selector:
-        for fd in chunks:
-            selector.register(fd, selectors.EVENT_READ)
-        while selector.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                late = True
-                break
-            for key, _ in selector.select(left):
-                data = os.read(key.fd, 1 << 16)
-                if data:
-                    chunks[key.fd].append(data)
-                else:
-                    selector.unregister(key.fd)
-    for fd in chunks:
-        os.close(fd)
-    out, err = (_text(b"".join(chunks[fd])) for fd in (out_r, err_r))
-    return out, err, late
+class _Forked:
+    """What subprocess.Popen gives, for a command forked by tests/forkserver.py."""
 
+    def __init__(
+        self,
+        server: _ForkServer,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        stdout=None,
+        stderr=None,
+        text: bool = False,
+        start_new_session: bool = False,
+    ) -> None:
+        (entry,) = [e.value for e in entry_points(group="console_scripts", name=Path(argv[0]).name)]
+        self.args = argv
+        self.returncode: int | None = None
+        self.stdout = self.stderr = None
+        sent: list[int] = []  # our copies of what the command gets, closed once sent
+        out = self._end(stdout, "stdout", text, sent)
+        err = out if stderr == subprocess.STDOUT else self._end(stderr, "stderr", text, sent)
+        ours, theirs = socket.socketpair()
+        sent.append(theirs.detach())
+        request = {
+            "script": argv[0],
+            "entry": entry,
+            "args": argv[1:],
+            "cwd": str(cwd),
+            "env": env,
+            "new_session": start_new_session,
+        }
+        try:
+            server.send(request, [out, err, sent[-1]])
+        finally:
+            for fd in sent:
+                os.close(fd)
+        self._status = ours
+        self._said = b""
+        self.pid = self._answer(None)["pid"]
 
-def _text(data: bytes) -> str:
-    """As subprocess's text=True reads it: universal newlines."""
-    return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    def _end(self, given, name: str, text: bool, sent: list[int]) -> int:
+        """The file descriptor the command writes NAME to."""
+        if given == subprocess.PIPE:
+            read, write = os.pipe()
+            setattr(self, name, open(read, "r" if text else "rb"))  # noqa: SIM115
+        elif given == subprocess.DEVNULL:
+            write = os.open(os.devnull, os.O_WRONLY)
+        elif given is None:  # this process's own
+            write = os.dup(1 if name == "stdout" else 2)
+        else:
+            write = os.dup(given if isinstance(given, int) else given.fileno())
+        sent.append(write)
+        return write
+
+    def _answer(self, timeout: float | None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._said:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._status], [], [], left)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            data = self._status.recv(4096)
+            if not data:
+                raise RuntimeError(f"tests/forkserver.py's waiter of {self.args[0]} ended")
+            self._said += data
+        line, self._said = self._said.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.returncode = self._answer(0)["returncode"]
+            except subprocess.TimeoutExpired:
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._answer(timeout)["returncode"]
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple:
+        """stdout and stderr read to their end, then the exit: as Popen.communicate."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not hasattr(self, "_readers"):
+            self._read = {}
+            self._readers = [
+                threading.Thread(target=self._read_all, args=(f,), daemon=True)
+                for f in (self.stdout, self.stderr)
+                if f is not None
+            ]
+            for reader in self._readers:
+                reader.start()
+        for reader in self._readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return (self._read.get(self.stdout), self._read.get(self.stderr))
+
+    def _read_all(self, stream) -> None:
+        self._read[stream] = stream.read()
+        stream.close()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __enter__(self) -> _Forked:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for stream in (self.stdout, self.stderr):
+            if stream is not None and not stream.closed and not hasattr(self, "_readers"):
+                stream.close()
+        self.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,16 +9,19 @@ at-exit handlers. No torch operation runs here before a fork (OpenMP is not star
 fork after it is would hang), and no cnnstudy module is imported here, so every child
 imports cnnstudy afresh and reads its environment as a new process does.
 
-Protocol, on the socket: the client sends one JSON request (`script`, `entry`, `args`,
-`cwd`, `env`) with the stdout and stderr file descriptors attached; the server answers
-`{"pid": N}` at once and `{"returncode": R}` when the child ends (-N for signal N, as
-subprocess gives).
+Protocol: the client sends one JSON request (`script`, `entry`, `args`, `cwd`, `env`,
+`new_session`) on the server's socket, with three file descriptors attached: the
+command's stdout and stderr, and one end of a socket pair of the request's own. On that
+socket a waiter process (forked for the request, the command's parent) answers
+`{"pid": N}` once the command has started and `{"returncode": R}` when it ends (-N for
+signal N, as subprocess gives). Commands run at once, as many as are started.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -97,25 +100,47 @@ def _exit_code(value: object) -> int:
 
 
 def serve(sock: socket.socket) -> None:
+    """Each request: fork a waiter, which forks the command's process, says its pid, waits
+    for it and says how it ended, on the request's own socket; the server goes on at once."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the waiters
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
+            message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
         except (ConnectionError, OSError):
             return
         if not message:
             return
         request = json.loads(message)
+        out_fd, err_fd, status_fd = fds
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
+        if os.fork() == 0:
             sock.close()
-            _run_child(request, *fds)
+            _wait_for_child(request, out_fd, err_fd, socket.socket(fileno=status_fd))
         for fd in fds:
             os.close(fd)
-        sock.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        _, status = os.waitpid(pid, 0)
-        sock.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+
+
+def _wait_for_child(request: dict, out_fd: int, err_fd: int, status: socket.socket) -> None:
+    """In the waiter: start the command's process, say its pid, wait, say how it ended."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the command waits for its own
+        pid = os.fork()
+        if pid == 0:
+            status.close()
+            if request.get("new_session"):
+                os.setsid()
+            _run_child(request, out_fd, err_fd)
+        os.close(out_fd)
+        os.close(err_fd)
+        status.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        _, waited = os.waitpid(pid, 0)
+        answer = {"returncode": os.waitstatus_to_exitcode(waited)}
+        status.sendall(json.dumps(answer).encode() + b"\n")
+        code = 0
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from .conftest import BIN, run_cli
+from .conftest import BIN, run_cli, start_cli
 from .test_study import TINY  # the tiny training budget of every study test
 
 pytestmark = pytest.mark.slow
@@ -70,9 +70,7 @@ def cluster_command(name: str, *args: str) -> list[str]:
 
 def _start(where: Path, argv: list[str], tag: str) -> subprocess.Popen:
     out = open(where / f"{tag}.out", "w")
-    return subprocess.Popen(
-        argv, cwd=where, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True
-    )
+    return start_cli(argv, cwd=where, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def _output(where: Path, tag: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from .conftest import BIN
+from .conftest import BIN, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ SMOKE = ("trainer=smoke", "logger.log_model=false", "trainer.num_threads=1")
 def _start(where: Path, uri: str, *overrides: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
+    return start_cli(
         [str(BIN / "cnnstudy-train"), *SMOKE, f"logger.artifact_location={where}/a", *overrides],
         cwd=where,
         env=env,

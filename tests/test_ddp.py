@@ -14,7 +14,7 @@ import mlflow
 import optuna
 import pytest
 
-from .conftest import BIN, run_cli
+from .conftest import BIN, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,8 @@ DDP = ("trainer=smoke", "trainer.devices=2", "trainer.accelerator=cpu", "trainer
 
 
 def _marked(mark: str) -> list[int]:
-    """Processes whose environment holds `mark`: the command and any process it started."""
+    """Processes started with `mark` in their environment: those the command started, and
+    the command itself unless tests/forkserver.py forked it."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -147,7 +148,7 @@ def test_sigterm_stops_every_process_of_a_ddp_run(tmp_path):
     mark = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(_env(tmp_path, mark))
-    command = subprocess.Popen(
+    command = start_cli(
         [str(BIN / "cnnstudy-train"), *DDP, "trainer.max_epochs=400", "logger.log_images=false"],
         cwd=tmp_path,
         env=env,
@@ -155,19 +156,30 @@ def test_sigterm_stops_every_process_of_a_ddp_run(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    from cnnstudy.run.store import serialized
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def training() -> bool:  # a client opens (or makes) the store: under its lock only
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("cnnstudy")
+        runs = experiment and client.search_runs([experiment.experiment_id])
+        return bool(runs and client.get_metric_history(runs[0].info.run_id, "train/loss"))
+
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # until both processes train
         time.sleep(0.5)
-        if len(_marked(mark)) >= 3 and (tmp_path / "mlflow.db").exists():
-            experiment = client.get_experiment_by_name("cnnstudy")
-            runs = experiment and client.search_runs([experiment.experiment_id])
-            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+        # the two DDP processes (/proc shows a command forked by tests/forkserver.py with
+        # the server's environment, so the command itself may not be among them); the
+        # store read under its lock: it may be being made
+        if len(_marked(mark)) >= 2 and (tmp_path / "mlflow.db").exists():
+            if serialized(uri, training):
                 break
     command.send_signal(signal.SIGTERM)
     out, _ = command.communicate(timeout=60)
     assert command.returncode == 143, out[-3000:]
     assert "stopped by SIGTERM" in out
+    client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cnnstudy").experiment_id])
     assert run.info.status == "KILLED"
     assert _gone(mark), "a DDP process outlived the run"
@@ -216,7 +228,7 @@ def test_a_run_on_two_machines_as_srun_starts_it_records_one_run(tmp_path):
             }
         )
         tasks.append(
-            subprocess.Popen(
+            start_cli(
                 [
                     str(BIN / "cnnstudy-train"),
                     *overrides,

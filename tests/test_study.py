@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from .conftest import BIN, run_cli
+from .conftest import BIN, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -484,7 +484,7 @@ class LongStudy:
     def __init__(self, where: Path, n_trials: int) -> None:
         self.where = where
         self.args, self.env = study_command(where, f"hydra.sweeper.n_trials={n_trials}")
-        self.proc = subprocess.Popen(
+        self.proc = start_cli(
             [*self.args, "trainer.max_epochs=500", "trainer.limit_train_batches=null"],
             cwd=where,
             env=self.env,
@@ -513,9 +513,7 @@ class LongStudy:
         raise AssertionError("no trial started training")
 
     def resume(self) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            self.args, cwd=self.where, env=self.env, capture_output=True, text=True
-        )
+        return run_cli(Path(self.args[0]).name, *self.args[1:], cwd=self.where, env=self.env)
 
 
 def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(tmp_path):
@@ -617,7 +615,7 @@ def test_n_jobs_runs_trials_in_parallel_processes_with_a_share_of_the_cores(tmp_
 def test_two_commands_started_at_once_on_a_new_study_share_exactly_n_trials(tmp_path):
     args, env = study_command(tmp_path, "hydra.sweeper.n_trials=5")
     procs = [
-        subprocess.Popen(
+        start_cli(
             args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for _ in range(2)
@@ -731,7 +729,7 @@ def _parallel(where: Path, n_trials: int) -> tuple[subprocess.Popen, list[str]]:
         f"hydra.sweeper.n_trials={n_trials}",
         "hydra.sweeper.n_jobs=2",
     )
-    proc = subprocess.Popen(
+    proc = start_cli(
         args, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     return proc, args
