@@ -9,8 +9,11 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision first, pinned: pip takes them from this machine's disk.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat  # src/ on sys.path: Hydra finds hydra_plugins
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile -e '.[dev]' --config-settings editable_mode=compat  # src/ on sys.path: Hydra finds hydra_plugins
+	# the bytecode pip would compile on one core, on all of them (-j 0); as with pip, a
+	# file that is not Python 3 (a package's test data) is left uncompiled
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib src >/dev/null || true
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -595,7 +595,13 @@ def test_sigterm_during_a_study_marks_trial_and_runs_and_the_command_resumes(tmp
 
 def test_n_jobs_runs_trials_in_parallel_processes_with_a_share_of_the_cores(tmp_path):
     done = study(
-        tmp_path, "sweep=hidden_units", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2"
+        tmp_path,
+        "sweep=hidden_units",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+        # seconds a trial: longer than the worker's start (its imports), or the driver,
+        # whose imports are done, may run all four trials before the worker asks for one
+        "trainer.max_epochs=60",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     trials = trials_of(tmp_path, "hidden_units")
