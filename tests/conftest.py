@@ -46,7 +46,7 @@ def run_cli(
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()  # not communicate(): a process it started may still hold the pipes
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -73,7 +73,10 @@ def start_cli(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None, 
 
 _FORKED = {"cnnstudy-train", "cnnstudy-reproduce", "cnnstudy-report"}
 # what a process reads when it starts, not later: a fork server of its own for each setting
-_READ_AT_START = ("OMP_", "MKL_", "OPENBLAS_", "PYTHON", "LD_", "TORCH", "CUDA", "MALLOC")
+_READ_AT_START = (
+    *("OMP_", "MKL_", "OPENBLAS_", "PYTHON", "LD_", "TORCH", "CUDA", "MALLOC", "LANG", "LC_"),
+    *("TZ", "RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_", "JSM_"),  # Lightning's rank at import
+)
 
 
 class _ForkServer:
@@ -90,7 +93,8 @@ class _ForkServer:
         return cls._all[key]
 
     def __init__(self, env: dict[str, str]) -> None:
-        ours, theirs = socket.socketpair()
+        # one request a message: SOCK_SEQPACKET keeps their bounds
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         own = {  # this process's environment, with the start-time settings of ENV
             **{k: v for k, v in os.environ.items() if not k.startswith(_READ_AT_START)},
             **{k: v for k, v in env.items() if k.startswith(_READ_AT_START)},
@@ -157,7 +161,13 @@ class _Forked:
                 os.close(fd)
         self._status = ours
         self._said = b""
-        self.pid = self._answer(None)["pid"]
+        try:
+            self.pid = self._answer(300)["pid"]  # the server's imports, at its first use
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"tests/forkserver.py started no {argv[0]} in 300 s "
+                f"(server exit status: {server.proc.poll()})"
+            ) from None
 
     def _end(self, given, name: str, text: bool, sent: list[int]) -> int:
         """The file descriptor the command writes NAME to."""
@@ -181,7 +191,10 @@ class _Forked:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             data = self._status.recv(4096)
             if not data:
-                raise RuntimeError(f"tests/forkserver.py's waiter of {self.args[0]} ended")
+                raise RuntimeError(
+                    f"tests/forkserver.py's waiter of {self.args[0]} ended without saying how "
+                    "the command did"
+                )
             self._said += data
         line, self._said = self._said.split(b"\n", 1)
         return json.loads(line)
@@ -189,7 +202,7 @@ class _Forked:
     def poll(self) -> int | None:
         if self.returncode is None:
             try:
-                self.returncode = self._answer(0)["returncode"]
+                self.wait(0)
             except subprocess.TimeoutExpired:
                 pass
         return self.returncode
@@ -197,6 +210,7 @@ class _Forked:
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             self.returncode = self._answer(timeout)["returncode"]
+            self._status.close()
         return self.returncode
 
     def communicate(self, timeout: float | None = None) -> tuple:
@@ -224,7 +238,10 @@ class _Forked:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it ended (its waiter reaped it) since poll(): as Popen
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

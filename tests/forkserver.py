@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 # What every cnnstudy-train process imports: paid once here instead of once per command.
 import hydra  # noqa: F401
@@ -36,6 +37,8 @@ import torch._dynamo  # noqa: F401  (torch.optim imports it at an optimizer's fi
 import torchvision  # noqa: F401
 
 assert "cnnstudy" not in sys.modules, "the fork server must not import cnnstudy"
+# a fork copies one thread: a lock another Python thread held would stay held in the copy
+assert threading.active_count() == 1, f"threads started by an import: {threading.enumerate()}"
 del torch
 
 
@@ -43,7 +46,6 @@ def _run_child(request: dict, out_fd: int, err_fd: int) -> None:
     """In the forked child: become the console script and exit as it would."""
     import atexit
     import importlib
-    import threading
     import traceback
     import types
 
@@ -80,6 +82,8 @@ def _run_child(request: dict, out_fd: int, err_fd: int) -> None:
             code = 1
         threading._shutdown()  # non-daemon threads are joined at exit, as at any exit
         atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - the set-up failed (a folder missing, ...): said
+        traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -134,6 +138,7 @@ def _wait_for_child(request: dict, out_fd: int, err_fd: int, status: socket.sock
             _run_child(request, out_fd, err_fd)
         os.close(out_fd)
         os.close(err_fd)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to answer
         status.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         _, waited = os.waitpid(pid, 0)
         answer = {"returncode": os.waitstatus_to_exitcode(waited)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -247,3 +248,36 @@ def test_a_read_only_storage_is_said_in_a_line_and_left_as_it_was(tmp_path):
     assert f"the Optuna storage sqlite:///{tmp_path}/optuna.db is read-only" in done.stderr
     assert stored.read_bytes() == before
     _intact(stored)
+
+
+CTRL_C_BECOMES_ANOTHER_ERROR = """
+import os, signal, sys, time
+from cnnstudy.errors import console_script
+
+def main():
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        finally:  # a library's cleanup failing on the half-made object (OmegaConf, seen)
+            raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+    except AttributeError as err:  # reported as Hydra reports a config error
+        print(err, file=sys.stderr)
+        sys.exit(1)
+
+console_script(main)()
+"""
+
+
+def test_ctrl_c_that_a_library_turns_into_another_error_still_exits_130():
+    """Ctrl-C while Hydra composes the config once came out of OmegaConf as an
+    AttributeError, reported as a config error with exit 1 (a test above saw it)."""
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_BECOMES_ANOTHER_ERROR],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert done.stderr.rstrip().endswith("cnnstudy: stopped by SIGINT"), done.stderr
+    assert "Traceback" not in done.stderr

@@ -87,6 +87,7 @@ def console_script(main: Callable[[], Any]) -> Callable[[], None]:
         import atexit
         import logging
         import os
+        import signal
 
         from cnnstudy.redact import RedactingStream
 
@@ -94,12 +95,32 @@ def console_script(main: Callable[[], Any]) -> Callable[[], None]:
         # MLflow 3 sends usage telemetry from every client call by default: off here (runs
         # stay on this machine and its servers); MLFLOW_DISABLE_TELEMETRY=false turns it on
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        interrupted: list[int] = []
+
+        def ctrl_c(signum: int, frame: Any) -> None:
+            # Python's own handler, remembered: a KeyboardInterrupt raised inside a
+            # library's cleanup can come out as another error (seen: in OmegaConf, while
+            # Hydra composes the config, as "'NoneType' object has no attribute
+            # '_invalidate_flags_cache'", exit 1); a command stopped by Ctrl-C exits 130
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            try:
+                signal.signal(signal.SIGINT, ctrl_c)
+            except ValueError:  # not the main thread: Python's handler stays
+                pass
+        stopped = False
         try:
             main()
             code: Any = 0
         except SystemExit as done:
             code = done.code
         except KeyboardInterrupt:  # Ctrl-C before a command notes signals itself
+            code, stopped = 130, True
+        if interrupted and code not in (0, None, 130):
+            stopped = True  # the interrupt came out as another error on its way
+        if stopped:
             from cnnstudy.log import get
 
             get().error("cnnstudy: stopped by SIGINT")
