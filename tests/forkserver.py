@@ -1,13 +1,14 @@
 """A process that has imported the heavy libraries once and forks one child per command.
 
-Run as `python tests/forkserver.py FD` by `conftest.run_cli`, FD one end of a Unix socket
-pair. Importing torch, Lightning, MLflow and torchvision costs 5-9 s a process; the
-tests start well over a hundred `cnnstudy-train` and `cnnstudy-reproduce` processes. Each
-request forks this process, and the child runs the console script's own entry point as
-the script would: its argv, environment, working folder, `__main__`, exit status and
-at-exit handlers. No torch operation runs here before a fork (OpenMP is not started: a
-fork after it is would hang), and no cnnstudy module is imported here, so every child
-imports cnnstudy afresh and reads its environment as a new process does.
+Run as `python tests/forkserver.py FD` by `conftest._ForkServer` (for `run_cli` and
+`start_cli`), FD one end of a Unix socket pair. Importing torch, Lightning, MLflow and
+torchvision costs 5-9 s a process; the tests start well over a hundred `cnnstudy-train`
+and `cnnstudy-reproduce` processes. Each request forks this process, and the child runs
+the console script's own entry point as the script would: its argv, environment,
+working folder, `__main__`, exit status and at-exit handlers. No torch operation runs
+here before a fork (OpenMP is not started: a fork after it is would hang), and no
+cnnstudy module is imported here, so every child imports cnnstudy afresh and reads its
+environment as a new process does.
 
 Protocol: the client sends one JSON request (`script`, `entry`, `args`, `cwd`, `env`,
 `new_session`) on the server's socket, with three file descriptors attached: the

@@ -11,11 +11,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from .conftest import BIN, start_cli
+from .conftest import BIN, SMOKE, start_cli
 
 pytestmark = pytest.mark.slow
-
-SMOKE = ("trainer=smoke", "logger.log_model=false", "trainer.num_threads=1")
 
 
 def _start(where: Path, uri: str, *overrides: str) -> subprocess.Popen:
